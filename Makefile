@@ -1,0 +1,50 @@
+# anytoken — `make demo` runs the end-to-end demo on this machine, `make test` runs the tests.
+# Each installs what it needs into .venv first; a second run with nothing changed installs nothing.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := runs/demo
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo test test-quick install system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(STAMP)
+
+# espeak-ng speaks the demo's digit words; installed from Debian's packages where we can, explained where not.
+system-deps:
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing espeak-ng (Debian package)"; \
+	    apt-get install -y -q espeak-ng >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q espeak-ng >/dev/null; }; \
+	  else \
+	    echo "espeak-ng is missing. Install it (Debian/Ubuntu: sudo apt-get install espeak-ng;" \
+	         "macOS: brew install espeak-ng) and run make again." >&2; exit 1; \
+	  fi; }
+
+install: $(STAMP) system-deps
+
+$(DEMO)/data/manifest.parquet: $(STAMP) workflows/demo_data.py workflows/configs/demo_data.yaml | system-deps
+	$(BIN)/anytoken demo-data --out $(DEMO)/data
+
+demo: install $(DEMO)/data/manifest.parquet
+	$(BIN)/anytoken text-tokenizer --manifest $(DEMO)/data/manifest.jsonl --out $(DEMO)/text_tokenizer
+	$(BIN)/python bench/tokenizers.py --data $(DEMO)/data --out $(DEMO)/bench
+	rm -rf $(DEMO)/prepared
+	$(BIN)/anytoken prepare --config workflows/configs/prepare_demo.yaml
+	@echo "demo outputs: $(DEMO)/data (dataset), $(DEMO)/bench (tokenizers, reconstructions)," \
+	      "$(DEMO)/prepared (training shards, errors/, stats.json)"
+
+test: install
+	$(BIN)/python -m pytest
+
+test-quick: install
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

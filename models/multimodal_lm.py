@@ -1,0 +1,223 @@
+"""The TEAL model: a frozen Hugging Face causal LM with a learnable joint embedding and output head for every
+non-text range of the JointVocabulary, trained with the next-token loss over packed documents.
+
+The LLM's own embedding and head serve the text ids and stay untouched; each other range (the special
+tokens, each codebook) has its own embedding table and head, so stages can train them one by one and the
+base checkpoint stays shareable. Optional: SEA alignment (models/sea.py), LoRA, unfreezing the LLM.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.lora import apply_lora
+from models.pretrained import Pretrained
+from models.sea import SeaConfig, SeaLabeler, sea_contrastive_loss
+from models.tokenizer import StepOutput
+from models.vocabulary import SPECIAL_TOKENS, JointVocabulary
+
+logger = logging.getLogger(__name__)
+
+TABLES_BEFORE_CODEBOOKS = ("special",)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0                      # 0: no LoRA
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class MultimodalLMConfig:
+    base_llm: str = ""                 # a Hugging Face causal LM folder; loaded frozen
+    vocabulary: dict[str, Any] = field(default_factory=dict)   # JointVocabulary.to_dict()
+    text_special_ids: list[int] = field(default_factory=list)  # bos/eos/pad: never SEA labels
+    embedding_init: Literal["text_scale", "codebook"] = "text_scale"
+    tokenizers: str | None = None      # folder of tokenizer folders: codebook init and SEA with a CLIP
+    text_tokenizer: str | None = None  # needed by SEA with a CLIP (to spell its words)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    unfreeze_llm: Literal["none", "norms", "all"] = "none"
+    sea: SeaConfig = field(default_factory=SeaConfig)
+
+
+def load_base_llm(path: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if not path or not Path(path).is_dir():
+        raise FileNotFoundError(f"missing base LLM folder: {path!r}")
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids (-1 = padding) -> (B, 1, T, T) bool: attend causally within one's own document."""
+    t = doc_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    itself = torch.eye(t, dtype=torch.bool, device=doc_ids.device)   # padding attends to itself only
+    return ((same & causal & (doc_ids[:, :, None] >= 0)) | itself)[:, None]
+
+
+class MultimodalLM(Pretrained):
+    kind = "multimodal_lm"
+    config_class = MultimodalLMConfig
+
+    def __init__(self, config: MultimodalLMConfig, llm: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.vocab = JointVocabulary.from_dict(config.vocabulary)
+        self.llm = llm if llm is not None else load_base_llm(config.base_llm)
+        llm_vocab = self.llm.get_input_embeddings().num_embeddings
+        if self.vocab.text_size > llm_vocab:
+            raise ValueError(f"the vocabulary's text range ({self.vocab.text_size}) exceeds the LLM's {llm_vocab} ids: "
+                             "prepare the data with this LLM's tokenizer")
+        self.llm.requires_grad_(False)
+        d = self.llm.get_input_embeddings().embedding_dim
+        sizes = {"special": len(SPECIAL_TOKENS), **self.vocab.codebooks}
+        self.table_names = list(sizes)
+        self.embeddings = nn.ModuleDict({n: nn.Embedding(s, d) for n, s in sizes.items()})
+        self.heads = nn.ModuleDict({n: nn.Linear(d, s, bias=False) for n, s in sizes.items()})
+        self._init_tables()
+        if config.lora.rank > 0:
+            apply_lora(self.llm, config.lora.targets, config.lora.rank, config.lora.alpha)
+        self.sea_labeler = SeaLabeler(config, self.vocab) if config.sea.weight > 0 else None
+        self.set_trainable(["all"])
+
+    # --- structure ---------------------------------------------------------------------------------
+    def _range(self, name: str) -> range:
+        if name == "special":
+            start = self.vocab.text_size
+            return range(start, start + len(SPECIAL_TOKENS))
+        return range(self.vocab.offsets[name], self.vocab.offsets[name] + self.vocab.codebooks[name])
+
+    @torch.no_grad()
+    def _init_tables(self) -> None:
+        text_embedding = self.llm.get_input_embeddings().weight
+        emb_std = float(text_embedding.float().std())
+        head = self.llm.get_output_embeddings()
+        head_std = float(head.weight.float().std()) if head is not None else emb_std
+        for name in self.table_names:
+            nn.init.normal_(self.embeddings[name].weight, std=emb_std)
+            nn.init.normal_(self.heads[name].weight, std=head_std)
+        if self.config.embedding_init == "codebook":
+            self._init_from_codebooks(float(text_embedding.float().norm(dim=-1).mean()))
+
+    def _init_from_codebooks(self, target_norm: float) -> None:
+        """Rows start as the tokenizer's code vectors through a fixed random projection, at the text rows' norm."""
+        from models.pretrained import load_pretrained
+
+        if not self.config.tokenizers:
+            raise ValueError("embedding_init: codebook needs the tokenizers folder (model.tokenizers)")
+        for name in self.vocab.codebooks:
+            tokenizer = load_pretrained(Path(self.config.tokenizers) / name)
+            quantizer = getattr(tokenizer, "quantizer", None) or tokenizer.image.quantizer
+            codes = quantizer.codebook.float()                               # (K, code_dim)
+            generator = torch.Generator().manual_seed(len(name))
+            projection = torch.randn(codes.shape[1], self.embeddings[name].embedding_dim, generator=generator)
+            rows = codes @ projection
+            self.embeddings[name].weight.copy_(rows / rows.norm(dim=-1, keepdim=True) * target_norm)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Names a stage can train: 'special', each codebook, 'lora', 'llm' (what unfreeze_llm allows)."""
+        groups = {n: [*self.embeddings[n].parameters(), *self.heads[n].parameters()] for n in self.table_names}
+        groups["lora"] = [p for n, p in self.llm.named_parameters() if "lora_" in n]
+        unfreeze = self.config.unfreeze_llm
+        groups["llm"] = [p for n, p in self.llm.named_parameters() if "lora_" not in n and
+                         (unfreeze == "all" or (unfreeze == "norms" and "norm" in n.lower()))]
+        return groups
+
+    def set_trainable(self, groups: list[str]) -> list[str]:
+        """Train exactly these groups ('all' = every group); everything else is frozen. Returns the names."""
+        available = self.parameter_groups()
+        chosen = [g for g in available if available[g]] if "all" in groups else list(groups)
+        unknown = [g for g in chosen if g not in available]
+        if unknown:
+            raise ValueError(f"unknown parameter group {unknown[0]!r} (known: {sorted(available)})")
+        self.requires_grad_(False)
+        for g in chosen:
+            if not available[g]:
+                raise ValueError(f"parameter group {g!r} is empty in this model (set lora.rank or unfreeze_llm)")
+            for p in available[g]:
+                p.requires_grad_(True)
+        return chosen
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen base LLM, which is loaded from its own folder."""
+        trainable_llm = {id(p) for p in self.parameter_groups()["llm"] + self.parameter_groups()["lora"]}
+        llm_names = {f"llm.{n}" for n, p in self.llm.named_parameters() if id(p) in trainable_llm}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("llm.") or k in llm_names}
+
+    def frozen_digest(self) -> str:
+        """SHA-256 of the frozen LLM weights, to prove training left them alone."""
+        trainable = {id(p) for p in self.parameters() if p.requires_grad}
+        h = hashlib.sha256()
+        for name, p in self.llm.named_parameters():
+            if id(p) not in trainable:
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    # --- computation ---------------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) global ids -> (B, T, D): the LLM's rows for text, the joint tables for everything else."""
+        text = ids < self.vocab.text_size
+        out = self.llm.get_input_embeddings()(torch.where(text, ids, torch.zeros_like(ids)))
+        out = out * text[..., None]
+        for name in self.table_names:
+            r = self._range(name)
+            inside = (ids >= r.start) & (ids < r.stop)
+            local = torch.where(inside, ids - r.start, torch.zeros_like(ids))
+            out = out + self.embeddings[name](local).to(out.dtype) * inside[..., None]
+        return out
+
+    def hidden_and_logits(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                          position_ids: torch.Tensor | None = None,
+                          embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden states (B, T, D) and logits over the whole joint vocabulary (B, T, V)."""
+        if doc_ids is None:
+            doc_ids = torch.zeros_like(ids)
+        if position_ids is None:
+            position_ids = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        embeds = self.embed(ids) if embeds is None else embeds
+        out = self.llm(inputs_embeds=embeds, attention_mask=block_causal_mask(doc_ids), position_ids=position_ids,
+                       output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1]
+        logits = torch.cat([out.logits[..., : self.vocab.text_size]] +
+                           [self.heads[n](hidden).to(out.logits.dtype) for n in self.table_names], dim=-1)
+        return hidden, logits
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        ids, docs = batch["input_ids"].long(), batch["doc_ids"].long()
+        embeds = self.embed(ids)
+        _, logits = self.hidden_and_logits(ids, docs, batch["position_ids"].long(), embeds=embeds)
+        targets = ids[:, 1:]
+        valid = (batch["loss_mask"][:, 1:] > 0) & (docs[:, 1:] == docs[:, :-1]) & (docs[:, 1:] >= 0)
+        picked = logits[:, :-1][valid].float()
+        if picked.shape[0] == 0:
+            raise ValueError("a batch without any target token: check loss_mask and doc_ids")
+        lm_loss = F.cross_entropy(picked, targets[valid])
+        loss = lm_loss
+        metrics = {"lm_loss": float(lm_loss.detach()), "tokens": float(valid.sum()),
+                   "accuracy": float((picked.argmax(-1) == targets[valid]).float().mean())}
+        if self.sea_labeler is not None:
+            pairs = self.sea_labeler.pairs(ids, docs, embeds, self.llm.get_input_embeddings())
+            if pairs is not None:
+                sea = sea_contrastive_loss(*pairs, temperature=self.config.sea.temperature)
+                loss = loss + self.config.sea.weight * sea
+                metrics["sea_loss"] = float(sea.detach())
+        metrics["loss"] = float(loss.detach())
+        return StepOutput(loss, metrics)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        return self.training_step(batch)
+
+    # --- saving --------------------------------------------------------------------------------------
+    def _save_extra(self, path: Path) -> None:
+        self.vocab.save_pretrained(path)

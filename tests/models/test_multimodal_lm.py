@@ -1,0 +1,173 @@
+import pytest
+import torch
+
+from models.multimodal_lm import LoraConfig, MultimodalLM, MultimodalLMConfig, block_causal_mask
+from models.sea import SeaConfig
+from models.sequences import media_text_documents, pack_documents
+from models.vocabulary import JointVocabulary
+
+WORDS = ["zero", "one", "two", "three"]
+
+
+@pytest.fixture
+def vocab(text_tokenizer_path) -> JointVocabulary:
+    return JointVocabulary.from_text_tokenizer(text_tokenizer_path, {"image": 16, "audio": 8})
+
+
+def make_model(tiny_llm_path, vocab, **overrides) -> MultimodalLM:
+    torch.manual_seed(0)
+    return MultimodalLM(MultimodalLMConfig(base_llm=tiny_llm_path, vocabulary=vocab.to_dict(),
+                                           text_special_ids=[0, 1], **overrides))
+
+
+def batch_of_pairs(vocab, text_tokenizer_path, n: int = 8, context: int = 64) -> dict[str, torch.Tensor]:
+    """Image codes 4*d .. 4*d+3 paired with the word for d: a mapping the joint embedding can learn."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(text_tokenizer_path)
+    docs = []
+    for i in range(n):
+        digit = i % 4
+        block = vocab.wrap("image", torch.arange(4 * digit, 4 * digit + 4))
+        text = tok(WORDS[digit], add_special_tokens=False)["input_ids"]
+        docs += media_text_documents(f"s{i}", block, text, ["understanding", "generation"], bos_id=None, eos_id=1)
+    rows = pack_documents(docs, context, pad_id=1)
+    return {k: torch.tensor([getattr(r, k) for r in rows]) for k in ("input_ids", "loss_mask", "doc_ids",
+                                                                      "position_ids")}
+
+
+def test_ids_go_to_the_right_table(tiny_llm_path, vocab):
+    model = make_model(tiny_llm_path, vocab)
+    ids = torch.tensor([[3, vocab.special_id("[IMG]"), vocab.codebook_range("image").start + 5,
+                         vocab.codebook_range("audio").start + 2]])
+    out = model.embed(ids)[0]
+    assert torch.equal(out[0], model.llm.get_input_embeddings().weight[3])
+    assert torch.equal(out[1], model.embeddings["special"].weight[0])
+    assert torch.equal(out[2], model.embeddings["image"].weight[5])
+    assert torch.equal(out[3], model.embeddings["audio"].weight[2])
+    logits = model.hidden_and_logits(ids)[1]
+    assert logits.shape == (1, 4, vocab.size)
+
+
+def test_a_document_in_a_packed_row_sees_only_itself(tiny_llm_path, vocab):
+    model = make_model(tiny_llm_path, vocab).eval()
+    first, second = torch.tensor([[4, 5, 6]]), torch.tensor([[7, vocab.special_id("[IMG]"), 8, 9]])
+    packed = torch.cat([first, second], dim=1)
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    with torch.no_grad():
+        together = model.hidden_and_logits(packed, docs, positions)[1]
+        alone = model.hidden_and_logits(second)[1]
+    assert torch.allclose(together[:, 3:], alone, atol=1e-5)
+    mask = block_causal_mask(torch.tensor([[0, 0, 1, -1]]))[0, 0]
+    assert mask.tolist() == [[True, False, False, False], [True, True, False, False],
+                             [False, False, True, False], [False, False, False, True]]
+
+
+def test_training_moves_only_the_joint_tables_and_learns(tiny_llm_path, vocab, text_tokenizer_path):
+    model = make_model(tiny_llm_path, vocab)
+    before = model.frozen_digest()
+    llm_before = {n: p.clone() for n, p in model.llm.named_parameters()}
+    batch = batch_of_pairs(vocab, text_tokenizer_path)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(40):
+        out = model.training_step(batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.metrics["lm_loss"])
+    assert losses[-1] < 0.5 * losses[0]
+    assert model.frozen_digest() == before
+    assert all(torch.equal(llm_before[n], p) for n, p in model.llm.named_parameters())
+
+
+def test_a_stage_trains_only_its_groups(tiny_llm_path, vocab, text_tokenizer_path):
+    model = make_model(tiny_llm_path, vocab)
+    assert model.set_trainable(["image"]) == ["image"]
+    audio = model.embeddings["audio"].weight.clone()
+    out = model.training_step(batch_of_pairs(vocab, text_tokenizer_path))
+    out.loss.backward()
+    assert model.embeddings["audio"].weight.grad is None and model.embeddings["special"].weight.grad is None
+    assert model.embeddings["image"].weight.grad.abs().sum() > 0
+    assert torch.equal(model.embeddings["audio"].weight, audio)
+    with pytest.raises(ValueError, match="unknown parameter group 'smell'"):
+        model.set_trainable(["smell"])
+    with pytest.raises(ValueError, match="group 'lora' is empty"):
+        model.set_trainable(["lora"])
+
+
+def test_save_keeps_only_trained_parts_and_reloads_identically(tiny_llm_path, vocab, tmp_path, text_tokenizer_path):
+    model = make_model(tiny_llm_path, vocab).eval()
+    model.save_pretrained(tmp_path / "m")
+    from models.pretrained import read_weights
+
+    saved = read_weights(tmp_path / "m" / "model.safetensors")
+    assert saved and not any(k.startswith("llm.") for k in saved)
+    loaded = MultimodalLM.from_pretrained(tmp_path / "m")
+    batch = batch_of_pairs(vocab, text_tokenizer_path)
+    assert torch.equal(model.training_step(batch).loss, loaded.training_step(batch).loss)
+    assert JointVocabulary.from_pretrained(tmp_path / "m") == vocab
+
+
+def test_lora_starts_as_the_identity_and_trains_alone(tiny_llm_path, vocab, text_tokenizer_path, tmp_path):
+    plain = make_model(tiny_llm_path, vocab).eval()
+    model = make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2)).eval()
+    batch = batch_of_pairs(vocab, text_tokenizer_path)
+    assert torch.allclose(plain.training_step(batch).loss, model.training_step(batch).loss, atol=1e-6)
+    model.set_trainable(["lora"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    model.save_pretrained(tmp_path / "lora")
+    assert MultimodalLM.from_pretrained(tmp_path / "lora").config.lora.rank == 2
+
+
+def test_codebook_init_puts_code_vectors_at_the_text_scale(tiny_llm_path, vocab, tmp_path, tiny_image_vq_config,
+                                                           tiny_audio_config):
+    from models import AudioVQTokenizer, ImageVQTokenizer, QuantizerConfig
+
+    image_cfg, audio_cfg = tiny_image_vq_config(), tiny_audio_config()
+    image_cfg.quantizer, audio_cfg.quantizer = QuantizerConfig(codebook_size=16), QuantizerConfig(codebook_size=8)
+    ImageVQTokenizer(image_cfg).save_pretrained(tmp_path / "tok" / "image")
+    AudioVQTokenizer(audio_cfg).save_pretrained(tmp_path / "tok" / "audio")
+    model = make_model(tiny_llm_path, vocab, embedding_init="codebook", tokenizers=str(tmp_path / "tok"))
+    text_norm = model.llm.get_input_embeddings().weight.norm(dim=-1).mean()
+    norms = model.embeddings["image"].weight.norm(dim=-1)
+    assert torch.allclose(norms, text_norm.expand_as(norms), rtol=1e-4)
+    # rows keep the codebook's geometry: similar codes, similar rows
+    codes = ImageVQTokenizer.from_pretrained(tmp_path / "tok" / "image").quantizer.codebook
+    code_sim = codes @ codes.t()
+    row_sim = torch.nn.functional.normalize(model.embeddings["image"].weight, dim=-1)
+    assert torch.corrcoef(torch.stack([code_sim.flatten(), (row_sim @ row_sim.t()).flatten()]))[0, 1] > 0.5
+
+
+def test_sea_pulls_media_tokens_towards_their_caption_words(tiny_llm_path, vocab, text_tokenizer_path):
+    model = make_model(tiny_llm_path, vocab, sea=SeaConfig(weight=1.0, temperature=0.1))
+    batch = batch_of_pairs(vocab, text_tokenizer_path)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    first = model.training_step(batch).metrics["sea_loss"]
+    for _ in range(30):
+        out = model.training_step(batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert out.metrics["sea_loss"] < 0.5 * first
+    # the image codes of digit 2 now sit nearest the LLM's embedding of "two" among the four words
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(text_tokenizer_path)
+    words = torch.stack([model.llm.get_input_embeddings().weight[tok.convert_tokens_to_ids(w)] for w in WORDS])
+    rows = model.embeddings["image"].weight[8:12]
+    similarity = torch.nn.functional.normalize(rows, dim=-1) @ torch.nn.functional.normalize(words, dim=-1).t()
+    assert (similarity.argmax(dim=1) == 2).all()
+
+
+def test_a_text_range_beyond_the_llm_is_refused(tiny_llm_path):
+    big = JointVocabulary(10_000, {"image": 4})
+    with pytest.raises(ValueError, match="exceeds the LLM"):
+        MultimodalLM(MultimodalLMConfig(base_llm=tiny_llm_path, vocabulary=big.to_dict()))
+
+
+def test_a_missing_base_llm_is_named(vocab, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing base LLM folder"):
+        MultimodalLM(MultimodalLMConfig(base_llm=str(tmp_path / "nope"), vocabulary=vocab.to_dict()))

@@ -1,0 +1,103 @@
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from models.media import read_image, read_mp4, read_wav
+from workflows.demo_data import DemoDataConfig, build_demo_data
+
+SMALL = dict(images=60, audio_per_digit=2, videos=8, video_frames=[8, 12])
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "data"
+    build_demo_data(DemoDataConfig(out=str(out), seed=7, **SMALL))
+    return out
+
+
+def test_same_seed_gives_the_same_bytes(small_demo, tmp_path):
+    again = tmp_path / "again"
+    build_demo_data(DemoDataConfig(out=str(again), seed=7, **SMALL))
+    assert digest(again) == digest(small_demo)
+
+
+def test_another_seed_gives_another_split(small_demo, tmp_path):
+    other = tmp_path / "other"
+    build_demo_data(DemoDataConfig(out=str(other), seed=8, **SMALL))
+    rows = [json.loads(line) for line in (small_demo / "manifest.jsonl").read_text().splitlines()]
+    others = [json.loads(line) for line in (other / "manifest.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in rows] != [r["split"] for r in others]
+
+
+def test_manifest_rows_are_complete_and_agree_in_both_formats(small_demo):
+    rows = [json.loads(line) for line in (small_demo / "manifest.jsonl").read_text().splitlines()]
+    assert rows == pq.read_table(small_demo / "manifest.parquet").to_pylist()
+    assert len(rows) == 60 + 20 + 8
+    assert {r["modality"] for r in rows} == {"image", "audio", "video"}
+    assert {r["split"] for r in rows} <= {"train", "val", "test"}
+    assert len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert set(r) == {"id", "modality", "path", "text", "label", "split"}
+        assert not Path(r["path"]).is_absolute() and (small_demo / r["path"]).is_file()
+        assert 0 <= r["label"] <= 9 and r["text"]
+
+
+def test_every_file_decodes_to_what_the_manifest_says(small_demo):
+    for r in pq.read_table(small_demo / "manifest.parquet").to_pylist():
+        path = small_demo / r["path"]
+        if r["modality"] == "image":
+            assert read_image(path).shape == (3, 32, 32)
+            assert str(r["label"]) in r["text"] or r["text"].split()[-1] in (
+                "zero one two three four five six seven eight nine".split())
+        elif r["modality"] == "audio":
+            wave, rate = read_wav(path)
+            assert rate == 16000 and wave.shape[0] == 1 and 0.2 * rate < wave.shape[1] < 3 * rate
+            assert wave.abs().max() > 0.05
+        else:
+            frames, fps = read_mp4(path)
+            assert 8 <= frames.shape[0] <= 12 and frames.shape[1:] == (3, 32, 32) and fps == 8
+            assert r["text"].split()[-1] in ("left", "right", "up", "down")
+
+
+def test_the_digit_in_a_clip_moves_the_way_its_caption_says(small_demo):
+    import torch
+
+    for r in pq.read_table(small_demo / "manifest.parquet").to_pylist():
+        if r["modality"] != "video":
+            continue
+        frames, _ = read_mp4(small_demo / r["path"])
+        ink = 1 - frames.mean(dim=1)                                  # (F, H, W)
+        grid = torch.arange(32, dtype=torch.float32)
+        cx = (ink.sum(dim=1) * grid).sum(dim=1) / ink.sum(dim=(1, 2))
+        cy = (ink.sum(dim=2) * grid).sum(dim=1) / ink.sum(dim=(1, 2))
+        dx, dy = float(cx[-1] - cx[0]), float(cy[-1] - cy[0])
+        expected = {"left": dx < -8, "right": dx > 8, "up": dy < -8, "down": dy > 8}
+        assert expected[r["text"].split()[-1]], (r, dx, dy)
+
+
+def test_command_line_builds_the_data(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "workflows.demo_data", "--out", str(out), "images=20", "audio_per_digit=1",
+           "videos=2", "--seed", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "demo_data.json").read_text())
+    assert summary["rows"] == 32 and summary["seed"] == 1
+
+
+def test_missing_espeak_says_what_to_do(tmp_path, monkeypatch):
+    import workflows.demo_data as demo_data
+
+    monkeypatch.setattr(demo_data.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):
+        build_demo_data(DemoDataConfig(out=str(tmp_path / "x"), images=5, audio_per_digit=1, videos=0))
