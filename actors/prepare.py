@@ -116,16 +116,26 @@ def _part_dataset(part: Part, cfg: PrepareConfig) -> ray.data.Dataset:
                                      "default_split": cfg.source.default_split})
 
 
+def _initial_pool_size(cfg: PrepareConfig) -> int:
+    """As many tokenizer actors as the cluster holds now, up to the configured pool size (an autoscaling cluster
+    grows the pool later): a pool started larger than the cluster waits for CPUs that never come."""
+    tok = cfg.tokenize
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    fits = int(cpus // tok.num_cpus) if tok.num_cpus > 0 else tok.concurrency
+    return max(1, min(tok.concurrency, fits))
+
+
 def _run_part(part: Part, cfg: PrepareConfig, actor_kwargs: dict[str, Any],
               preprocess: PreprocessConfig) -> list[dict[str, Any]]:
     """Every row of the part after the pipeline, media dropped: good rows with documents, bad rows with errors."""
     ds = (_part_dataset(part, cfg)
-          .map_batches(read_media, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size, num_cpus=0.25)
+          # reading bytes holds no CPU slot: the tokenizer pool may fill every core without starving its input
+          .map_batches(read_media, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size, num_cpus=0)
           .map_batches(preprocess_media, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size,
                        num_cpus=cfg.preprocess_num_cpus, fn_kwargs={"config": preprocess})
           .map_batches(TokenizeActor, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size,
                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.tokenize.concurrency,
-                                                          initial_size=cfg.tokenize.concurrency),
+                                                          initial_size=_initial_pool_size(cfg)),
                        num_cpus=cfg.tokenize.num_cpus, num_gpus=cfg.tokenize.num_gpus or None,
                        fn_constructor_kwargs=actor_kwargs))
     keep = [n for n in ROW_SCHEMA.names if n != "data"]

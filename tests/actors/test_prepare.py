@@ -1,4 +1,5 @@
 """The prepare pipeline on a real local Ray: demo data, bad input, every kind of source, resumption."""
+import contextlib
 import io
 import json
 import os
@@ -228,15 +229,17 @@ def test_an_interrupted_run_resumes_without_redoing_or_duplicating(ray_local, in
            "--tokenizers", str(inputs / "tokenizers"), "--text-tokenizer", str(inputs / "text"),
            f"sequences.context_length={CONTEXT}", "rows_per_part=12", "tokenize.batch_size=8"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    process = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list((out / "parts").glob("*.json")):
+    log = tmp_path / "driver.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=sink, stderr=sink)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not list((out / "parts").glob("*.json")):
         time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)      # the driver and its local Ray, mid-run
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and its local Ray, mid-run
     process.wait()
     committed = sorted(p.name for p in (out / "parts").glob("*.json"))
-    assert committed and len(committed) < 5, committed
+    assert committed and len(committed) < 5, (committed, log.read_text()[-3000:])
     before = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.json")}
 
     cfg = config(inputs, out)
