@@ -66,6 +66,23 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def preprocess_for(tokenizers: dict[str, Any], limits: MediaLimits) -> PreprocessConfig:
+    """Decode settings that bring media to what these tokenizers take: image size, sample rate, frame rate."""
+    preprocess = PreprocessConfig()
+    if "image" in tokenizers:
+        preprocess.image = ImagePreprocessConfig(size=tokenizers["image"].config.image_size,
+                                                 max_pixels=limits.image_max_pixels)
+    if "audio" in tokenizers:
+        preprocess.audio = AudioPreprocessConfig(sample_rate=tokenizers["audio"].config.sample_rate,
+                                                 max_seconds=limits.audio_max_seconds,
+                                                 pad_to_max=limits.audio_pad_to_max)
+    if "video" in tokenizers:
+        video = tokenizers["video"].config
+        preprocess.video = VideoPreprocessConfig(size=video.image.image_size, fps=video.fps,
+                                                 max_frames=video.max_frames, max_pixels=limits.video_max_pixels)
+    return preprocess
+
+
 def setup_tokens(tokenizers: str | None, text_tokenizer: str | None, out: str, limits: MediaLimits,
                  seed: int) -> TokenSetup:
     """Load (or make) the tokenizers, save copies under `out`, and derive vocabulary and preprocessing."""
@@ -132,18 +149,7 @@ def setup_tokens(tokenizers: str | None, text_tokenizer: str | None, out: str, l
     vocabulary = JointVocabulary(len(text), codebooks, text_tokenizer=text_tokenizer)
     vocabulary.save_pretrained(local)
 
-    preprocess = PreprocessConfig()
-    if "image" in loaded:
-        preprocess.image = ImagePreprocessConfig(size=loaded["image"].config.image_size,
-                                                 max_pixels=limits.image_max_pixels)
-    if "audio" in loaded:
-        preprocess.audio = AudioPreprocessConfig(sample_rate=loaded["audio"].config.sample_rate,
-                                                 max_seconds=limits.audio_max_seconds,
-                                                 pad_to_max=limits.audio_pad_to_max)
-    if "video" in loaded:
-        video = loaded["video"].config
-        preprocess.video = VideoPreprocessConfig(size=video.image.image_size, fps=video.fps,
-                                                 max_frames=video.max_frames, max_pixels=limits.video_max_pixels)
+    preprocess = preprocess_for(loaded, limits)
     pad_id = text.pad_token_id if text.pad_token_id is not None else text.eos_token_id
     setup = TokenSetup(actor_paths, str(text_dir) if not is_uri(out) else text_tokenizer, vocabulary, preprocess,
                        pad_id, notes=notes)

@@ -1,0 +1,177 @@
+"""What a training job reads: Ray Datasets built lazily on the driver (streamed to workers, never materialized),
+and the collate functions that turn a worker's numpy batches into the tensors a model's training_step takes.
+
+Three kinds of data:
+- `sequences`: the packed Parquet shards of `anytoken prepare` (input_ids, loss_mask, doc_ids, position_ids),
+  with a per-modality mix chosen by the shard file names (`part-N-MODALITY-SSSS.parquet`);
+- `media`: one modality of a manifest, read and preprocessed by the same Ray Data tasks as prepare
+  (tokenizers train on it);
+- `pairs`: media with their captions as text ids (CLIP and the X2L interface train on it).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from actors.prepare_setup import MediaLimits, preprocess_for
+from actors.sources import ROW_SCHEMA, filesystem, join, manifest_rows
+from actors.tokenize import PreprocessConfig, preprocess_media, read_media
+from models.preprocess import AudioPreprocessConfig, ImagePreprocessConfig, decode_array
+
+logger = logging.getLogger(__name__)
+SEQUENCE_COLUMNS = ("input_ids", "loss_mask", "doc_ids", "position_ids")
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["sequences", "media", "pairs"] = "sequences"
+    path: str = ""                  # sequences: a prepare output folder; media/pairs: a manifest (JSONL/Parquet)
+    mix: dict[str, float] = field(default_factory=dict)   # sequences: modality -> weight; empty = every shard
+    modality: str = "image"         # media/pairs: which rows of the manifest
+    split: str = "train"
+    val_split: str | None = "val"   # held-out loss at every checkpoint; None: none
+    text_tokenizer: str | None = None   # pairs: how captions become ids
+    max_text_tokens: int = 16
+    limits: MediaLimits = field(default_factory=MediaLimits)
+    seed: int = 0
+
+
+# --- driver side: datasets ---------------------------------------------------------------------------
+def _shard_files(root: str, split: str, mix: dict[str, float]) -> list[tuple[str, float]]:
+    fs, base = filesystem(join(root, split))
+    try:
+        infos = fs.get_file_info(pa.fs.FileSelector(base, recursive=False))
+    except FileNotFoundError:
+        infos = []
+    files = sorted(i.path for i in infos if i.path.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards in {join(root, split)}: run `anytoken prepare` first")
+    prefix = root.split("://")[0] + "://" if "://" in root else ""
+
+    def modality(name: str) -> str:
+        return name.rsplit("/", 1)[-1].split("-")[2]
+
+    unknown = [m for m in mix if m not in {modality(f) for f in files}]
+    if unknown:
+        raise ValueError(f"data mix names {unknown[0]!r}, but {join(root, split)} has no shards of it "
+                         f"(has: {sorted({modality(f) for f in files})})")
+    return [(prefix + f, mix.get(modality(f), 0.0) if mix else 1.0) for f in files]
+
+
+def sequence_dataset(cfg: DataConfig, split: str) -> ray.data.Dataset:
+    """The split's shards, weighted by the mix: a weight of 2 reads a modality twice per epoch, 0.5 half of it."""
+    by_weight: dict[float, list[str]] = {}
+    for path, weight in _shard_files(cfg.path, split, cfg.mix):
+        if weight > 0:
+            by_weight.setdefault(weight, []).append(path)
+    parts = []
+    for weight, files in sorted(by_weight.items()):
+        ds = ray.data.read_parquet(files).select_columns(list(SEQUENCE_COLUMNS))
+        whole, rest = int(weight), weight - int(weight)
+        parts += [ds] * whole
+        if rest > 1e-9:
+            parts.append(ds.random_sample(rest, seed=cfg.seed))
+    if not parts:
+        raise ValueError(f"the data mix {cfg.mix} gives every shard weight 0")
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _ok_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pa.compute.is_null(batch["error_stage"]))
+
+
+def media_dataset(cfg: DataConfig, split: str, preprocess: PreprocessConfig) -> ray.data.Dataset:
+    """The manifest's rows of one modality and split, read and preprocessed on CPU tasks; bad rows are dropped
+    here (`anytoken prepare` is where they are recorded)."""
+    rows = [{**r, "index": i} for i, r in enumerate(manifest_rows(cfg.path, None, "train"))
+            if r["modality"] == cfg.modality and r["split"] == split]
+    if not rows:
+        raise ValueError(f"{cfg.path} has no {cfg.modality} rows in split {split!r}")
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    return (ray.data.from_arrow(table)
+            .map_batches(read_media, batch_format="pyarrow", num_cpus=0)
+            .map_batches(preprocess_media, batch_format="pyarrow", fn_kwargs={"config": preprocess})
+            .map_batches(_ok_rows, batch_format="pyarrow", num_cpus=0)
+            .select_columns(["id", "data", "text"]))
+
+
+def preprocess_for_model(model: torch.nn.Module, limits: MediaLimits) -> PreprocessConfig:
+    """Media decoded to what the model takes: its image size, sample rate, or the video's frame settings."""
+    config = model.config
+    if getattr(model, "kind", "") == "video_vq":
+        return preprocess_for({"video": model}, limits)
+    preprocess = PreprocessConfig()
+    if hasattr(config, "image_size"):
+        preprocess.image = ImagePreprocessConfig(size=config.image_size, max_pixels=limits.image_max_pixels)
+    if hasattr(config, "sample_rate"):
+        preprocess.audio = AudioPreprocessConfig(sample_rate=config.sample_rate, max_seconds=limits.audio_max_seconds,
+                                                 pad_to_max=limits.audio_pad_to_max)
+    return preprocess
+
+
+# --- worker side: collate -----------------------------------------------------------------------------
+def collate_sequences(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.stack(batch[k]), dtype=torch.long) for k in SEQUENCE_COLUMNS}
+
+
+def media_tensor(modality: str, blobs: Any) -> torch.Tensor:
+    """npy blobs -> images (B, 3, H, W) in [0, 1], waveforms (B, T) zero-padded, or video frames (B*F, 3, H, W)."""
+    arrays = [decode_array(b) for b in blobs]
+    if modality == "image":
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+    if modality == "audio":
+        longest = max(len(a) for a in arrays)
+        return torch.stack([torch.nn.functional.pad(torch.from_numpy(a).float(), (0, longest - len(a)))
+                            for a in arrays])
+    return torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).float() / 255.0
+
+
+class PairCollate:
+    """Media plus caption ids padded to max_text_tokens, for CLIP and the X2L interface."""
+
+    def __init__(self, modality: str, text_tokenizer: str, max_tokens: int):
+        from transformers import AutoTokenizer
+
+        self.modality, self.max_tokens = modality, max_tokens
+        self.tokenizer = AutoTokenizer.from_pretrained(text_tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        ids = [self.tokenizer(str(t), add_special_tokens=False)["input_ids"][: self.max_tokens] for t in batch["text"]]
+        text = torch.full((len(ids), self.max_tokens), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(text)
+        for i, row in enumerate(ids):
+            text[i, : len(row)], mask[i, : len(row)] = torch.tensor(row, dtype=torch.long), 1
+        return {"media": media_tensor(self.modality, batch["data"]), "text_ids": text, "text_mask": mask}
+
+
+def make_collate(cfg: DataConfig):
+    if cfg.kind == "sequences":
+        return collate_sequences
+    if cfg.kind == "pairs":
+        if not cfg.text_tokenizer:
+            raise ValueError("data.kind 'pairs' needs data.text_tokenizer")
+        return PairCollate(cfg.modality, cfg.text_tokenizer, cfg.max_text_tokens)
+    return lambda batch: media_tensor(cfg.modality, batch["data"])
+
+
+def count_tokens(batch: Any) -> int:
+    """Tokens a batch trains on (for tokens/s): targets of sequences, else elements of the media's first axis."""
+    if isinstance(batch, dict) and "loss_mask" in batch:
+        return int(batch["loss_mask"].sum())
+    if isinstance(batch, dict):
+        return int(batch["text_mask"].sum())
+    return int(batch.shape[0])
+
+
+def batch_size_of(batch: Any) -> int:
+    if isinstance(batch, dict):
+        return int(next(iter(batch.values())).shape[0])
+    return int(batch.shape[0])

@@ -1,0 +1,163 @@
+"""The training loop on a real local Ray with 2 CPU workers, gloo and real DeepSpeed."""
+import json
+import os
+import signal
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from actors.train_data import DataConfig, sequence_dataset
+from actors.train_loop import (CheckpointError, DeepSpeedOptions, Fault, Job, LoopConfig, OptimOptions, fit,
+                               lr_factor, verify_checkpoint)
+from models import load_pretrained
+from models.multimodal_lm import MultimodalLM, MultimodalLMConfig
+from models.sequences import media_text_documents, pack_documents
+from models.vocabulary import JointVocabulary
+
+WORDS = ["zero", "one", "two", "three"]
+CONTEXT = 48
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, text_tokenizer_path) -> Path:
+    """Packed shards as `anytoken prepare` writes them: image codes 4d..4d+3 paired with the word for d."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("shards")
+    vocab = JointVocabulary.from_text_tokenizer(text_tokenizer_path, {"image": 16})
+    vocab.save_pretrained(root)
+    tok = AutoTokenizer.from_pretrained(text_tokenizer_path)
+    for split, n in (("train", 96), ("val", 16)):
+        docs = []
+        for i in range(n):
+            d = i % 4
+            block = vocab.wrap("image", torch.arange(4 * d, 4 * d + 4))
+            text = tok(WORDS[d], add_special_tokens=False)["input_ids"]
+            docs += media_text_documents(f"{split}{i}", block, text, ["understanding", "generation"], bos_id=None,
+                                         eos_id=1)
+        rows = pack_documents(docs, CONTEXT, pad_id=1)
+        table = pa.Table.from_pylist([{k: getattr(r, k) for k in ("input_ids", "loss_mask", "doc_ids",
+                                                                  "position_ids")} for r in rows])
+        (root / split).mkdir()
+        pq.write_table(table, root / split / "part-00000-image-0000.parquet")
+    return root
+
+
+def build_lm(llm: str, vocabulary: dict) -> MultimodalLM:
+    torch.manual_seed(0)
+    model = MultimodalLM(MultimodalLMConfig(base_llm=llm, vocabulary=vocabulary, text_special_ids=[0, 1]))
+    model.set_trainable(["special", "image"])
+    return model
+
+
+def make_job(shards: Path, llm: str, tmp: Path, name: str, **loop) -> Job:
+    vocabulary = json.loads((shards / "vocabulary.json").read_text())
+    data = DataConfig(kind="sequences", path=str(shards))
+    settings = dict(name=name, storage_path=str(tmp / "ray"), steps=12, micro_batch_size=4, log_every=2,
+                    checkpoint_every=4, num_workers=2, optim=OptimOptions(lr=3e-2, warmup_steps=2))
+    settings.update(loop)
+    return Job(build=partial(build_lm, llm, vocabulary), loop=LoopConfig(**settings), data=data,
+               datasets={"train": sequence_dataset(data, "train"), "val": sequence_dataset(data, "val")})
+
+
+def test_the_schedule_warms_up_then_follows_a_cosine():
+    optim = OptimOptions(warmup_steps=4, min_lr_ratio=0.1)
+    factors = [lr_factor(s, optim, 20) for s in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert factors[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_trains_the_joint_embedding_and_leaves_the_llm_alone(ray_local, shards, tiny_llm_path, tmp_path, stage):
+    job = make_job(shards, tiny_llm_path, tmp_path, f"zero{stage}", deepspeed=DeepSpeedOptions(zero_stage=stage))
+    result = fit(job, export_to=tmp_path / "export")
+    losses = [h["lm_loss"] for h in result.history]
+    assert [h["step"] for h in result.history] == list(range(2, 13, 2))
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert result.history[-1]["tokens_per_s"] > 0 and result.history[-1]["lr"] < 3e-2
+    assert [v["step"] for v in result.val] == [4, 8, 12] and result.val[-1]["val_loss"] < result.val[0]["val_loss"]
+    assert result.frozen_digest_before == result.frozen_digest_after != ""
+    assert result.resumed_from == [0]
+
+    model = load_pretrained(result.export)                      # the export reloads and gives the trained loss
+    assert model.frozen_digest() == build_lm(tiny_llm_path, model.vocab.to_dict()).frozen_digest()
+    batch = next(iter(job.datasets["val"].iter_torch_batches(batch_size=8)))
+    with torch.no_grad():
+        loss = model.training_step({k: batch[k] for k in ("input_ids", "loss_mask", "doc_ids", "position_ids")})
+    assert loss.metrics["lm_loss"] < losses[0] * 0.6
+    assert (result.export / "metrics.jsonl").read_text().count("\n") == len(result.history)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_the_count_and_the_curve(ray_local, shards, tiny_llm_path, tmp_path):
+    whole = fit(make_job(shards, tiny_llm_path, tmp_path, "whole"))
+    first = fit(make_job(shards, tiny_llm_path, tmp_path, "split", steps=8))
+    second = fit(make_job(shards, tiny_llm_path, tmp_path, "split"))        # same name and storage: resume
+    assert first.resumed_from == [0] and second.resumed_from == [0, 8]
+    assert [h["step"] for h in second.history] == [h["step"] for h in whole.history]
+    for a, b in zip(whole.history, second.history):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=0.05, abs=0.05), (whole.history, second.history)
+
+
+def _worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if "RayTrainWorker" in (a.class_name or "")]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(ray_local, shards, tiny_llm_path,
+                                                                            tmp_path):
+    job = make_job(shards, tiny_llm_path, tmp_path, "killed", steps=40, checkpoint_every=4, log_every=4)
+    run = tmp_path / "ray" / "killed"
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run / "step_000008").is_dir():
+            time.sleep(0.1)
+        time.sleep(2.5)                   # past the controller's poll: the checkpoint is committed
+        pids = _worker_pids()
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = fit(job, export_to=tmp_path / "export")
+    thread.join()
+    assert killed, "no worker to kill"
+    assert len(result.resumed_from) == 2 and result.resumed_from[1] >= 8, result.resumed_from
+    assert result.history[-1]["step"] == 40 and (tmp_path / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_half_written_checkpoint_is_never_loaded(ray_local, shards, tiny_llm_path, tmp_path):
+    # rank 1 dies while writing step 8's checkpoint: the run must go on from step 4, the last whole one
+    job = make_job(shards, tiny_llm_path, tmp_path, "halfway", fault=Fault(rank=1, step=8, when="during_save"))
+    result = fit(job)
+    assert result.resumed_from == [0, 4]
+    assert result.history[-1]["step"] == 12
+    # and a checkpoint folder with a file missing or cut short is refused, not loaded
+    folder = Path(result.checkpoint_path)
+    verify_checkpoint(folder)
+    victim = max((p for p in folder.rglob("*.pt")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="bytes"):
+        verify_checkpoint(folder)
+    victim.unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        verify_checkpoint(folder)
+    for manifest in (folder / "complete").glob("*.json"):
+        manifest.unlink()
+    with pytest.raises(CheckpointError, match="never finished"):
+        verify_checkpoint(folder)
