@@ -104,7 +104,7 @@ def media_dataset(cfg: DataConfig, split: str, preprocess: PreprocessConfig) -> 
 def preprocess_for_model(model: torch.nn.Module, limits: MediaLimits) -> PreprocessConfig:
     """Media decoded to what the model takes: its image size, sample rate, or the video's frame settings."""
     config = model.config
-    if getattr(model, "kind", "") == "video_vq":
+    if getattr(model, "kind", "") == "video":
         return preprocess_for({"video": model}, limits)
     preprocess = PreprocessConfig()
     if hasattr(config, "image_size"):

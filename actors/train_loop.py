@@ -58,8 +58,9 @@ class OptimOptions:
 
 @dataclass
 class Fault:
-    """Deliberate failure, for recovery tests and drills: `rank` dies (os._exit) at `step`, either after its
-    optimizer step (`after_step`) or half-way through writing the checkpoint of that step (`during_save`)."""
+    """Deliberate failure, for recovery tests and drills: `rank` dies (os._exit) at `step`, either once the step
+    (and its checkpoint, if it has one) is done (`after_step`) or half-way through writing its checkpoint
+    (`during_save`)."""
     rank: int = -1                     # -1: none
     step: int = 0
     when: Literal["after_step", "during_save"] = "after_step"
@@ -330,9 +331,6 @@ def _worker_loop(job: dict[str, Any]) -> dict[str, Any]:
         for k, v in step_metrics.items():
             window["sums"][k] = window["sums"].get(k, 0.0) + v
         window["steps"] += 1
-        if loop.fault.rank == rank and loop.fault.step == step and loop.fault.when == "after_step":
-            time.sleep(3)          # past the controller's poll, so the last checkpoint is committed
-            _die(f"after step {step}")
 
         if step % loop.log_every == 0 or step == loop.steps:
             seconds = time.perf_counter() - window["t0"]
@@ -353,6 +351,9 @@ def _worker_loop(job: dict[str, Any]) -> dict[str, Any]:
                 state["val"].append({"step": step, "val_loss": _val_loss(engine, val_shard, loop, collate, device,
                                                                          float_dtype)})
             _save(engine, model, state, rank, world, loop, final=step == loop.steps)
+        if loop.fault.rank == rank and loop.fault.step == step and loop.fault.when == "after_step":
+            time.sleep(3)          # past the controller's poll, so the step's checkpoint is committed
+            _die(f"after step {step}")
 
     return {"history": state["history"], "val": state["val"], "resumed_from": state["resumed_from"]}
 
@@ -409,7 +410,9 @@ def fit(job: Job, export_to: str | Path | None = None) -> RunResult:
                              checkpoint_config=CheckpointConfig(num_to_keep=loop.keep_checkpoints),
                              worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get(
                                  "ANYTOKEN_WORKER_THREADS", "1")}}),
-        datasets=job.datasets)
+        datasets=job.datasets,
+        # the same rows in the same order on every run, so a resumed run sees what the uninterrupted one would
+        dataset_config=ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)))
     result = trainer.fit()
     back = result.return_value or {}
     export = None

@@ -132,8 +132,29 @@ class Pretrained(nn.Module):
         return self.state_dict()
 
 
+def _register_all() -> None:
+    import models  # noqa: F401  (the tokenizers)
+    import models.clip  # noqa: F401
+    import models.multimodal_lm  # noqa: F401
+    import models.x2l  # noqa: F401
+
+
 def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> Pretrained:
     """Load any saved anytoken model or tokenizer folder, whatever its kind."""
-    import models  # noqa: F401  (registers every kind)
-
+    _register_all()
     return Pretrained.from_pretrained(path, map_location)
+
+
+def build_model(kind: str, config: dict[str, Any] | None = None, init_from: str | Path | None = None) -> Pretrained:
+    """A fresh model of `kind` from a config dict; with `init_from`, the weights of that saved folder."""
+    _register_all()
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown model kind {kind!r} (known: {', '.join(sorted(_REGISTRY))})")
+    cls = _REGISTRY[kind]
+    try:
+        model = cls(config_from_dict(cls.config_class, config or {}))
+    except ConfigError as err:
+        raise ValueError(f"{kind} config: {err}") from None
+    if init_from:
+        load_weights_into(model, Path(init_from) / WEIGHTS_FILE)
+    return model

@@ -98,32 +98,45 @@ def test_zero_trains_the_joint_embedding_and_leaves_the_llm_alone(ray_local, sha
 
 @pytest.mark.slow
 def test_a_resumed_run_continues_the_count_and_the_curve(ray_local, shards, tiny_llm_path, tmp_path):
+    import ray.train
+
     whole = fit(make_job(shards, tiny_llm_path, tmp_path, "whole"))
-    first = fit(make_job(shards, tiny_llm_path, tmp_path, "split", steps=8))
-    second = fit(make_job(shards, tiny_llm_path, tmp_path, "split"))        # same name and storage: resume
-    assert first.resumed_from == [0] and second.resumed_from == [0, 8]
+    # the first attempt dies after step 8 (checkpointed) with no restarts allowed: the job fails ...
+    with pytest.raises(ray.train.TrainingFailedError):
+        fit(make_job(shards, tiny_llm_path, tmp_path, "split", checkpoint_every=8, max_failures=0,
+                     fault=Fault(rank=0, step=8, when="after_step")))
+    # ... and submitting it again (same name and storage) resumes at step 8
+    second = fit(make_job(shards, tiny_llm_path, tmp_path, "split", checkpoint_every=8))
+    assert second.resumed_from == [0, 8]
     assert [h["step"] for h in second.history] == [h["step"] for h in whole.history]
+    # Ray hands blocks to workers in arrival order, so batches may differ a little between runs; a run that lost
+    # its state on resume would be back near the first loss (about 4) instead of on the uninterrupted curve
     for a, b in zip(whole.history, second.history):
-        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=0.05, abs=0.05), (whole.history, second.history)
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=0.1), ([h["lm_loss"] for h in whole.history],
+                                                                    [h["lm_loss"] for h in second.history])
 
 
 def _worker_pids() -> list[int]:
-    from ray.util.state import list_actors
+    """Ray names a train worker's process `ray::RayTrainWorker...`."""
+    import psutil
 
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if "RayTrainWorker" in (a.class_name or "")]
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
+            pids.append(proc.info["pid"])
+    return sorted(pids)
 
 
 @pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(ray_local, shards, tiny_llm_path,
                                                                             tmp_path):
-    job = make_job(shards, tiny_llm_path, tmp_path, "killed", steps=40, checkpoint_every=4, log_every=4)
+    job = make_job(shards, tiny_llm_path, tmp_path, "killed", steps=400, checkpoint_every=20, log_every=20)
     run = tmp_path / "ray" / "killed"
     killed: list[int] = []
 
     def killer():
         deadline = time.time() + 300
-        while time.time() < deadline and not (run / "step_000008").is_dir():
+        while time.time() < deadline and not (run / "step_000040").is_dir():
             time.sleep(0.1)
         time.sleep(2.5)                   # past the controller's poll: the checkpoint is committed
         pids = _worker_pids()
@@ -136,8 +149,8 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(ra
     result = fit(job, export_to=tmp_path / "export")
     thread.join()
     assert killed, "no worker to kill"
-    assert len(result.resumed_from) == 2 and result.resumed_from[1] >= 8, result.resumed_from
-    assert result.history[-1]["step"] == 40 and (tmp_path / "export" / "model.safetensors").is_file()
+    assert len(result.resumed_from) == 2 and result.resumed_from[1] >= 40, result.resumed_from
+    assert result.history[-1]["step"] == 400 and (tmp_path / "export" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -1,0 +1,153 @@
+"""The training jobs on the one loop: a tokenizer (or CLIP, or an X2L interface) on media, and the TEAL model
+in X-LLM-style stages on the prepared shards, each stage starting from the one before."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from actors.prepare_setup import MediaLimits
+from actors.train_data import DataConfig, media_dataset, preprocess_for_model, sequence_dataset
+from actors.train_loop import Job, LoopConfig, OptimOptions, RunResult, fit
+from models.configuration import config_from_dict, config_to_dict
+from models.pretrained import build_model, write_json
+
+logger = logging.getLogger(__name__)
+
+
+# --- any model on media: tokenizers, CLIP, X2L ---------------------------------------------------------
+@dataclass
+class ModelTrainConfig:
+    kind: str = "image_vq"             # any saved kind: image_vq, dynamic_visual, audio_vq, video, clip, x2l
+    config: dict[str, Any] = field(default_factory=dict)   # the kind's config fields
+    init_from: str | None = None       # start from this saved folder's weights
+    train: list[str] = field(default_factory=lambda: ["all"])   # parameter groups, for kinds that have them
+    data: DataConfig = field(default_factory=lambda: DataConfig(kind="media"))
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    out: str = "runs/model"            # the exported folder
+
+
+def _build_media_model(kind: str, config: dict[str, Any], init_from: str | None, groups: list[str]):
+    model = build_model(kind, config, init_from)
+    if hasattr(model, "set_trainable"):
+        model.set_trainable(groups)
+    return model
+
+
+def train_model(cfg: ModelTrainConfig) -> RunResult:
+    if cfg.data.kind == "sequences":
+        raise ValueError("data.kind 'sequences' is the TEAL model's: use `anytoken train`")
+    build = partial(_build_media_model, cfg.kind, cfg.config, cfg.init_from, cfg.train)
+    preprocess = preprocess_for_model(build(), cfg.data.limits)
+    datasets = {"train": media_dataset(cfg.data, cfg.data.split, preprocess)}
+    if cfg.data.val_split:
+        datasets["val"] = media_dataset(cfg.data, cfg.data.val_split, preprocess)
+    result = fit(Job(build=build, loop=cfg.loop, data=cfg.data, datasets=datasets), export_to=cfg.out)
+    logger.info("exported %s to %s", cfg.kind, cfg.out)
+    return result
+
+
+# --- the TEAL model in stages --------------------------------------------------------------------------
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    train: list[str] = field(default_factory=lambda: ["all"])   # parameter groups: special, image, audio, ...
+    mix: dict[str, float] = field(default_factory=dict)         # modality -> weight; empty: all shards
+    steps: int = 100
+    lr: float | None = None            # default: loop.optim.lr
+    sea_weight: float | None = None    # SEA's weight in this stage; default: model.sea.weight
+
+
+@dataclass
+class TealConfig:
+    name: str = "teal"                 # the Ray Train runs are NAME-STAGE under loop.storage_path
+    data: str = "runs/demo/prepared"   # an `anytoken prepare` output: shards, vocabulary, tokenizers
+    base_llm: str = ""                 # a Hugging Face causal LM folder, kept frozen
+    out: str = "runs/demo/model"       # the exported model folder
+    model: dict[str, Any] = field(default_factory=dict)   # MultimodalLMConfig fields beyond the above
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+
+
+def _text_special_ids(text_tokenizer: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(text_tokenizer)
+    return sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id)
+                   if i is not None})
+
+
+def teal_model_config(cfg: TealConfig) -> dict[str, Any]:
+    from models.multimodal_lm import MultimodalLMConfig
+
+    data = Path(cfg.data)
+    vocabulary = json.loads((data / "vocabulary.json").read_text())
+    text = str(data / "text_tokenizer")
+    base = {"base_llm": cfg.base_llm, "vocabulary": vocabulary, "tokenizers": str(data / "tokenizers"),
+            "text_tokenizer": text, "text_special_ids": _text_special_ids(text)}
+    return config_to_dict(config_from_dict(MultimodalLMConfig, {**cfg.model, **base}))
+
+
+def _build_stage(model_config: dict[str, Any], init_from: str | None, groups: list[str]):
+    model = build_model("multimodal_lm", model_config, init_from)
+    model.set_trainable(groups)
+    return model
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+
+
+def train_teal(cfg: TealConfig) -> dict[str, Any]:
+    """Every stage in order, each from the previous stage's export; returns a summary per stage."""
+    if not cfg.stages:
+        raise ValueError("no stages: declare at least one under `stages`")
+    model_config = teal_model_config(cfg)
+    out = Path(cfg.out)
+    stages_dir = out.parent / f"{out.name}.stages"
+    previous: str | None = None
+    summary = []
+    for i, stage in enumerate(cfg.stages):
+        config = json.loads(json.dumps(model_config))
+        if stage.sea_weight is not None:
+            config["sea"]["weight"] = stage.sea_weight
+        loop = config_from_dict(LoopConfig, {**config_to_dict(cfg.loop), "name": f"{cfg.name}-{stage.name}",
+                                             "steps": stage.steps})
+        if stage.lr is not None:
+            loop.optim = OptimOptions(**{**config_to_dict(loop.optim), "lr": stage.lr})
+        data = DataConfig(kind="sequences", path=cfg.data, mix=stage.mix)
+        datasets = {"train": sequence_dataset(data, "train")}
+        if (Path(cfg.data) / "val").is_dir():
+            datasets["val"] = sequence_dataset(data, "val")
+        logger.info("stage %d/%d %r: trains %s on %s for %d steps", i + 1, len(cfg.stages), stage.name,
+                    stage.train, stage.mix or "every shard", stage.steps)
+        result = fit(Job(build=partial(_build_stage, config, previous, stage.train), loop=loop, data=data,
+                         datasets=datasets), export_to=stages_dir / stage.name)
+        previous = str(result.export)
+        summary.append({"stage": stage.name, "train": stage.train, "mix": stage.mix, "steps": stage.steps,
+                        "final_loss": result.history[-1].get("loss") if result.history else None,
+                        "val": result.val, "resumed_from": result.resumed_from,
+                        "frozen_llm_unchanged": result.frozen_digest_before == result.frozen_digest_after})
+    _finish_export(cfg, Path(previous), out, stages_dir, summary)
+    return {"out": str(out), "stages": summary}
+
+
+def _finish_export(cfg: TealConfig, last: Path, out: Path, stages_dir: Path, summary: list[dict]) -> None:
+    """The model folder a server loads: the last stage's weights and config, the tokenizers and text tokenizer
+    it was trained with, every stage's metrics, and where the base LLM is."""
+    _copy_tree(last, out)
+    _copy_tree(Path(cfg.data) / "tokenizers", out / "tokenizers")
+    _copy_tree(Path(cfg.data) / "text_tokenizer", out / "text_tokenizer")
+    with (out / "metrics.jsonl").open("w") as sink:
+        for stage in summary:
+            for line in (stages_dir / stage["stage"] / "metrics.jsonl").read_text().splitlines():
+                sink.write(json.dumps({"stage": stage["stage"], **json.loads(line)}) + "\n")
+    write_json(out / "training.json", {"base_llm": str(Path(cfg.base_llm).resolve()), "data": cfg.data,
+                                       "stages": summary})
+    (out / "base_llm.txt").write_text(str(Path(cfg.base_llm).resolve()) + "\n")
