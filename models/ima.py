@@ -72,8 +72,8 @@ def textual_mask(ids: torch.Tensor, vocab: JointVocabulary) -> torch.Tensor:
 @dataclass
 class HiddenStates:
     residual: torch.Tensor     # (L+1, B, T, D): 0 = the embeddings, l = the output of decoder layer l-1
-    attention: torch.Tensor    # (L, B, T, D): what each layer's attention adds to the residual stream
-    ffn: torch.Tensor          # (L, B, T, D): what each layer's FFN adds (0 where it was skipped)
+    attention: torch.Tensor | None   # (L, B, T, D): what each layer's attention adds (with sublayers=True)
+    ffn: torch.Tensor | None         # (L, B, T, D): what each layer's FFN adds, 0 where skipped (sublayers=True)
     perceptual: torch.Tensor   # (B, T) bool, padding excluded
     textual: torch.Tensor      # (B, T) bool, padding excluded
     doc_ids: torch.Tensor      # (B, T): which example each position belongs to (-1 = padding)
@@ -81,8 +81,8 @@ class HiddenStates:
 
 @torch.no_grad()
 def capture_hidden_states(model: "MultimodalLM", ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                          position_ids: torch.Tensor | None = None) -> HiddenStates:
-    """Runs the model once on (B, T) ids and records the residual stream and each sub-block's output."""
+                          position_ids: torch.Tensor | None = None, sublayers: bool = False) -> HiddenStates:
+    """Runs the model once on (B, T) ids and records the residual stream (and each sub-block's output)."""
     doc_ids = torch.zeros_like(ids) if doc_ids is None else doc_ids
     _, layers = decoder_layers(model.llm)
     records: dict[str, list[torch.Tensor]] = {"embeddings": [], "residual": [], "attention": [], "ffn": []}
@@ -90,13 +90,15 @@ def capture_hidden_states(model: "MultimodalLM", ids: torch.Tensor, doc_ids: tor
     def keep(key: str):
         return lambda module, args, output: records[key].append(_first(output).detach())
 
-    handles = [layers[0].register_forward_pre_hook(
-        lambda module, args, kwargs: records["embeddings"].append((args[0] if args else kwargs["hidden_states"]).detach()),
-        with_kwargs=True)]
+    def keep_embeddings(module: nn.Module, args: tuple, kwargs: dict) -> None:   # the first layer's input
+        records["embeddings"].append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    handles = [layers[0].register_forward_pre_hook(keep_embeddings, with_kwargs=True)]
     for layer in layers:
-        handles += [layer.register_forward_hook(keep("residual")),
-                    block_part(layer, ATTENTION_NAMES, "attention").register_forward_hook(keep("attention")),
-                    block_part(layer, FFN_NAMES, "FFN").register_forward_hook(keep("ffn"))]
+        handles.append(layer.register_forward_hook(keep("residual")))
+        if sublayers:
+            handles += [block_part(layer, ATTENTION_NAMES, "attention").register_forward_hook(keep("attention")),
+                        block_part(layer, FFN_NAMES, "FFN").register_forward_hook(keep("ffn"))]
     try:
         model.hidden_and_logits(ids, doc_ids, position_ids)
     finally:
@@ -104,7 +106,8 @@ def capture_hidden_states(model: "MultimodalLM", ids: torch.Tensor, doc_ids: tor
             handle.remove()
     inside = doc_ids >= 0
     return HiddenStates(residual=torch.stack(records["embeddings"] + records["residual"]),
-                        attention=torch.stack(records["attention"]), ffn=torch.stack(records["ffn"]),
+                        attention=torch.stack(records["attention"]) if sublayers else None,
+                        ffn=torch.stack(records["ffn"]) if sublayers else None,
                         perceptual=perceptual_mask(ids, model.vocab) & inside,
                         textual=textual_mask(ids, model.vocab) & inside, doc_ids=doc_ids)
 

@@ -87,8 +87,9 @@ def test_capture_records_the_residual_stream_and_masks_each_modality():
     model = make_model()
     ids = torch.tensor([ROW + [VOCAB.codebook_range("image").start, 7]])
     doc_ids = torch.tensor([[0] * len(ROW) + [-1, -1]])                      # a code and a word in the padding
-    states = capture_hidden_states(model, ids, doc_ids)
+    states = capture_hidden_states(model, ids, doc_ids, sublayers=True)
     assert states.residual.shape == (5, 1, 11, 32) and states.attention.shape == (4, 1, 11, 32)
+    assert capture_hidden_states(model, ids, doc_ids).ffn is None                 # residual stream only by default
     assert torch.equal(states.residual[0], model.embed(ids))
     for l in range(4):                              # Llama: h_{l+1} = h_l + SA(LN1 h_l) + FFN(LN2(h_l + SA))
         assert torch.allclose(states.residual[l + 1], states.residual[l] + states.attention[l] + states.ffn[l],
@@ -126,7 +127,7 @@ def test_perceptual_tokens_skip_the_ffn_exactly_in_the_gated_layers(start, inter
     assert skipped_layers(4, config) == expected
     with PerceptualSkipping(model, config) as skipping:
         skipping.set_tokens(ids)
-        states = capture_hidden_states(model, ids)
+        states = capture_hidden_states(model, ids, sublayers=True)
     h, codes, layers = states.residual, CODES, decoder_layers(model.llm)[1]
     skipped = [l for l in range(4) if torch.equal(h[l + 1][:, codes], (h[l] + states.attention[l])[:, codes])]
     assert skipped == expected
@@ -147,6 +148,20 @@ def test_a_skipped_layer_gives_perceptual_tokens_h_plus_self_attention_of_the_no
         attention = layer.self_attn(hidden_states=layer.input_layernorm(h[1]), attention_mask=None,
                                     position_embeddings=rotary)[0]
     assert torch.allclose(h[2][:, CODES], (h[1] + attention)[:, CODES], atol=1e-6)
+
+
+def test_skipping_attention_too_passes_perceptual_tokens_through_the_layer():
+    model, ids = make_model(), torch.tensor([ROW])
+    plain = capture_hidden_states(model, ids).residual
+    layer = decoder_layers(model.llm)[1][1]
+    for ffn in (True, False):
+        with PerceptualSkipping(model, SkipConfig(start_layer=1, end_layer=2, ffn=ffn, attention=True)) as skipping:
+            skipping.set_tokens(ids)
+            h = capture_hidden_states(model, ids).residual
+        through_ffn = h[1] + (0 if ffn else layer.mlp(layer.post_attention_layernorm(h[1])))
+        assert torch.allclose(h[2][:, CODES], through_ffn[:, CODES], atol=1e-6)
+        assert torch.allclose(h[2][:, AFTER], plain[2][:, AFTER], atol=1e-5)   # their keys and values are intact
+        assert not torch.allclose(h[2][:, CODES], plain[2][:, CODES], atol=1e-3)
 
 
 def test_text_tokens_change_only_where_attention_carries_the_skipped_states():
@@ -224,7 +239,7 @@ def test_gpt2_layers_are_supported_and_layers_without_an_ffn_module_are_refused(
     model, ids = make_model(gpt2.eval()), torch.tensor([ROW])
     with PerceptualSkipping(model, SkipConfig(start_layer=1)) as skipping:
         skipping.set_tokens(ids)
-        states = capture_hidden_states(model, ids)
+        states = capture_hidden_states(model, ids, sublayers=True)
     h = states.residual
     assert torch.equal(h[2][:, CODES], (h[1] + states.attention[1])[:, CODES])
     assert not torch.equal(h[1][:, CODES], (h[0] + states.attention[0])[:, CODES])
