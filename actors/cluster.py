@@ -12,6 +12,13 @@ logger = logging.getLogger(__name__)
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def local_cpus() -> int:
+    """Logical CPUs of a private local cluster: two more than the cores, so that a trainer's two workers and the
+    Ray Data tasks that feed them can all be scheduled on a 2-core laptop (they mostly wait on each other);
+    ANYTOKEN_LOCAL_CPUS sets it."""
+    return int(os.environ.get("ANYTOKEN_LOCAL_CPUS", (os.cpu_count() or 1) + 2))
+
+
 def connect(num_cpus: int | None = None) -> None:
     """ray.init once: attach to RAY_ADDRESS (set by `ray job submit`; `auto` finds a `ray start` cluster on this
     machine), or else start a private local cluster for this run."""
@@ -20,5 +27,5 @@ def connect(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": WORKER_ENV})
+        ray.init(address="local", num_cpus=num_cpus or local_cpus(), runtime_env={"env_vars": WORKER_ENV})
     logger.info("Ray resources: %s", ray.cluster_resources())

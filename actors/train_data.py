@@ -1,12 +1,13 @@
 """What a training job reads: Ray Datasets built lazily on the driver (streamed to workers, never materialized),
 and the collate functions that turn a worker's numpy batches into the tensors a model's training_step takes.
 
-Three kinds of data:
+Four kinds of data:
 - `sequences`: the packed Parquet shards of `anytoken prepare` (input_ids, loss_mask, doc_ids, position_ids),
   with a per-modality mix chosen by the shard file names (`part-N-MODALITY-SSSS.parquet`);
 - `media`: one modality of a manifest, read and preprocessed by the same Ray Data tasks as prepare
   (tokenizers train on it);
-- `pairs`: media with their captions as text ids (CLIP and the X2L interface train on it).
+- `pairs`: media with their captions as text ids (CLIP and the X2L interface train on it);
+- `text`: the manifest's texts alone (a base LLM trained from scratch, as the demo does).
 """
 from __future__ import annotations
 
@@ -30,13 +31,13 @@ SEQUENCE_COLUMNS = ("input_ids", "loss_mask", "doc_ids", "position_ids")
 
 @dataclass
 class DataConfig:
-    kind: Literal["sequences", "media", "pairs"] = "sequences"
-    path: str = ""                  # sequences: a prepare output folder; media/pairs: a manifest (JSONL/Parquet)
+    kind: Literal["sequences", "media", "pairs", "text"] = "sequences"
+    path: str = ""                  # sequences: a prepare output folder; media/pairs/text: a manifest (JSONL/Parquet)
     mix: dict[str, float] = field(default_factory=dict)   # sequences: modality -> weight; empty = every shard
     modality: str = "image"         # media/pairs: which rows of the manifest
     split: str = "train"
     val_split: str | None = "val"   # held-out loss at every checkpoint; None: none
-    text_tokenizer: str | None = None   # pairs: how captions become ids
+    text_tokenizer: str | None = None   # pairs, text: how texts become ids
     max_text_tokens: int = 16
     limits: MediaLimits = field(default_factory=MediaLimits)
     seed: int = 0
@@ -101,6 +102,16 @@ def media_dataset(cfg: DataConfig, split: str, preprocess: PreprocessConfig) -> 
             .select_columns(["id", "data", "text"]))
 
 
+def text_dataset(cfg: DataConfig, split: str) -> ray.data.Dataset:
+    """Every non-empty text of the manifest's split, whatever its modality (duplicates kept: they are the
+    distribution the LLM should learn)."""
+    texts = [{"text": r["text"]} for r in manifest_rows(cfg.path, None, "train")
+             if r["error_stage"] is None and r["split"] == split and r["text"]]
+    if not texts:
+        raise ValueError(f"{cfg.path} has no texts in split {split!r}")
+    return ray.data.from_items(texts)
+
+
 def preprocess_for_model(model: torch.nn.Module, limits: MediaLimits) -> PreprocessConfig:
     """Media decoded to what the model takes: its image size, sample rate, or the video's frame settings."""
     config = model.config
@@ -152,12 +163,29 @@ class PairCollate:
         return {"media": media_tensor(self.modality, batch["data"]), "text_ids": text, "text_mask": mask}
 
 
+class TextCollate:
+    """Texts -> {"input_ids", "attention_mask"} with the tokenizer's <s> and </s>, for a base LLM."""
+
+    def __init__(self, text_tokenizer: str, max_tokens: int):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(text_tokenizer)
+        self.max_tokens = max_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        from models.text_lm import text_batch
+
+        return text_batch(self.tokenizer, [str(t) for t in batch["text"]], self.max_tokens)
+
+
 def make_collate(cfg: DataConfig):
     if cfg.kind == "sequences":
         return collate_sequences
+    if cfg.kind in ("pairs", "text") and not cfg.text_tokenizer:
+        raise ValueError(f"data.kind {cfg.kind!r} needs data.text_tokenizer")
+    if cfg.kind == "text":
+        return TextCollate(cfg.text_tokenizer, cfg.max_text_tokens)
     if cfg.kind == "pairs":
-        if not cfg.text_tokenizer:
-            raise ValueError("data.kind 'pairs' needs data.text_tokenizer")
         return PairCollate(cfg.modality, cfg.text_tokenizer, cfg.max_text_tokens)
     return lambda batch: media_tensor(cfg.modality, batch["data"])
 
@@ -166,6 +194,8 @@ def count_tokens(batch: Any) -> int:
     """Tokens a batch trains on (for tokens/s): targets of sequences, else elements of the media's first axis."""
     if isinstance(batch, dict) and "loss_mask" in batch:
         return int(batch["loss_mask"].sum())
+    if isinstance(batch, dict) and "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
     if isinstance(batch, dict):
         return int(batch["text_mask"].sum())
     return int(batch.shape[0])

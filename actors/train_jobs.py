@@ -10,20 +10,23 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from actors.prepare_setup import MediaLimits
-from actors.train_data import DataConfig, media_dataset, preprocess_for_model, sequence_dataset
+from actors.sources import manifest_rows
+from actors.train_data import DataConfig, media_dataset, preprocess_for_model, sequence_dataset, text_dataset
 from actors.train_loop import Job, LoopConfig, OptimOptions, RunResult, fit
+from models.clip import TEXT_TOKENIZER_DIR
 from models.configuration import config_from_dict, config_to_dict
 from models.pretrained import build_model, write_json
+from models.text_lm import HF_DIR
 
 logger = logging.getLogger(__name__)
 
 
-# --- any model on media: tokenizers, CLIP, X2L ---------------------------------------------------------
+# --- any model on media or text: tokenizers, CLIP, X2L, a base LLM -------------------------------------
 @dataclass
 class ModelTrainConfig:
-    kind: str = "image_vq"             # any saved kind: image_vq, dynamic_visual, audio_vq, video, clip, x2l
-    config: dict[str, Any] = field(default_factory=dict)   # the kind's config fields
+    kind: str = "image_vq"             # any saved kind: image_vq, dynamic_visual, audio_vq, video, clip, x2l, text_lm
+    config_file: str | None = None     # a YAML of the kind's config fields (e.g. tokenizers/image_vq_demo.yaml) ...
+    config: dict[str, Any] = field(default_factory=dict)   # ... and fields set here on top of it
     init_from: str | None = None       # start from this saved folder's weights
     train: list[str] = field(default_factory=lambda: ["all"])   # parameter groups, for kinds that have them
     data: DataConfig = field(default_factory=lambda: DataConfig(kind="media"))
@@ -38,17 +41,56 @@ def _build_media_model(kind: str, config: dict[str, Any], init_from: str | None,
     return model
 
 
+def _model_datasets(cfg: ModelTrainConfig, build) -> dict[str, Any]:
+    splits = {"train": cfg.data.split, **({"val": cfg.data.val_split} if cfg.data.val_split else {})}
+    if cfg.data.kind == "text":
+        return {name: text_dataset(cfg.data, split) for name, split in splits.items()}
+    preprocess = preprocess_for_model(build(), cfg.data.limits)
+    return {name: media_dataset(cfg.data, split, preprocess) for name, split in splits.items()}
+
+
 def train_model(cfg: ModelTrainConfig) -> RunResult:
+    """Train one model with the loop and export it to cfg.out: a tokenizer folder, a CLIP folder with its text
+    tokenizer and SEA's candidate words, an X2L folder, or (text_lm) a Hugging Face causal LM folder."""
     if cfg.data.kind == "sequences":
         raise ValueError("data.kind 'sequences' is the TEAL model's: use `anytoken train`")
     build = partial(_build_media_model, cfg.kind, cfg.config, cfg.init_from, cfg.train)
-    preprocess = preprocess_for_model(build(), cfg.data.limits)
-    datasets = {"train": media_dataset(cfg.data, cfg.data.split, preprocess)}
-    if cfg.data.val_split:
-        datasets["val"] = media_dataset(cfg.data, cfg.data.val_split, preprocess)
-    result = fit(Job(build=build, loop=cfg.loop, data=cfg.data, datasets=datasets), export_to=cfg.out)
-    logger.info("exported %s to %s", cfg.kind, cfg.out)
+    out = Path(cfg.out)
+    if cfg.loop.steps == 0:         # nothing to train: export the model as built (e.g. video from an image_vq)
+        if out.exists():
+            shutil.rmtree(out)
+        build().save_pretrained(out)
+        logger.info("loop.steps is 0: exported the %s as initialised to %s", cfg.kind, out)
+        return RunResult(export=out, history=[], val=[], resumed_from=[], frozen_digest_before="",
+                         frozen_digest_after="", checkpoint_path="")
+    datasets = _model_datasets(cfg, build)
+    staging = out.parent / f".{out.name}.export" if cfg.kind == "text_lm" else out
+    result = fit(Job(build=build, loop=cfg.loop, data=cfg.data, datasets=datasets), export_to=staging)
+    if cfg.kind == "text_lm":       # the useful artefact is the plain Hugging Face folder inside
+        _copy_tree(staging / HF_DIR, out)
+        shutil.copy(staging / "metrics.jsonl", out / "metrics.jsonl")
+        shutil.rmtree(staging)
+        result.export = out
+    if cfg.kind == "clip":
+        _copy_tree(Path(cfg.data.text_tokenizer), out / TEXT_TOKENIZER_DIR)
+        words = caption_words(cfg.data.path, cfg.data.split)
+        (out / "words.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    logger.info("exported %s to %s", cfg.kind, out)
     return result
+
+
+STOP_WORDS = {"a", "an", "and", "at", "by", "for", "in", "is", "it", "of", "on", "or", "the", "this", "to", "with"}
+
+
+def caption_words(manifest: str, split: str) -> list[str]:
+    """The distinct words of a split's captions, less stop words: the words SEA may label media tokens with."""
+    import re
+
+    words: set[str] = set()
+    for row in manifest_rows(manifest, None, "train"):
+        if row["error_stage"] is None and row["split"] == split and row["text"]:
+            words |= {w for w in re.findall(r"[a-z0-9]+", row["text"].lower()) if w not in STOP_WORDS}
+    return sorted(words)
 
 
 # --- the TEAL model in stages --------------------------------------------------------------------------

@@ -58,12 +58,14 @@ class OptimOptions:
 
 @dataclass
 class Fault:
-    """Deliberate failure, for recovery tests and drills: `rank` dies (os._exit) at `step`, either once the step
-    (and its checkpoint, if it has one) is done (`after_step`) or half-way through writing its checkpoint
-    (`during_save`)."""
+    """Deliberate failure, for recovery tests and drills, at `rank` and `step` of a run's first attempt: the worker
+    exits (os._exit) once the step and its checkpoint are done and committed (`after_step`), or half-way through
+    writing the step's checkpoint (`during_save`); or, with `await_kill`, it writes its pid to `pid_file` once the
+    step's checkpoint is committed and waits (up to a minute) for someone to kill it with a real signal."""
     rank: int = -1                     # -1: none
     step: int = 0
-    when: Literal["after_step", "during_save"] = "after_step"
+    when: Literal["after_step", "during_save", "await_kill"] = "after_step"
+    pid_file: str = ""
 
 
 @dataclass
@@ -174,6 +176,19 @@ def verify_checkpoint(root: str | Path) -> dict[str, Any]:
 def _die(where: str) -> None:
     logger.warning("fault injection: this worker exits now (%s)", where)
     os._exit(1)
+
+
+def _inject_after_step(fault: Fault, step: int) -> None:
+    if fault.when == "during_save":
+        return
+    # every report so far committed by the controller, so the step's checkpoint is what a restart finds
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    if fault.when == "after_step":
+        _die(f"after step {step}")
+    Path(fault.pid_file).write_text(str(os.getpid()))
+    logger.warning("fault injection: waiting to be killed after step %d (pid %d)", step, os.getpid())
+    time.sleep(60)
+    raise RuntimeError(f"fault injection: nobody killed pid {os.getpid()} within a minute")
 
 
 # --- the worker loop -------------------------------------------------------------------------------------
@@ -304,6 +319,8 @@ def _worker_loop(job: dict[str, Any]) -> dict[str, Any]:
             _, client = engine.load_checkpoint(os.path.join(folder, "ds"), tag=info["tag"])
             state = client["anytoken"]
     state["resumed_from"].append(state["step"])
+    # a drill's fault fires in a run's first attempt only: the attempts after it show the recovery
+    fault_armed = loop.fault.rank == rank and len(state["resumed_from"]) == 1
     if rank == 0:
         logger.info("training from step %d of %d (%d workers, ZeRO-%d, %s)", state["step"], loop.steps, world,
                     loop.deepspeed.zero_stage, "bf16" if float_dtype == torch.bfloat16 else "fp32")
@@ -350,15 +367,15 @@ def _worker_loop(job: dict[str, Any]) -> dict[str, Any]:
             if val_shard is not None:
                 state["val"].append({"step": step, "val_loss": _val_loss(engine, val_shard, loop, collate, device,
                                                                          float_dtype)})
-            _save(engine, model, state, rank, world, loop, final=step == loop.steps)
-        if loop.fault.rank == rank and loop.fault.step == step and loop.fault.when == "after_step":
-            time.sleep(3)          # past the controller's poll, so the step's checkpoint is committed
-            _die(f"after step {step}")
+            _save(engine, model, state, rank, world, final=step == loop.steps,
+                  die_while_saving=fault_armed and loop.fault.step == step and loop.fault.when == "during_save")
+        if fault_armed and loop.fault.step == step:
+            _inject_after_step(loop.fault, step)
 
     return {"history": state["history"], "val": state["val"], "resumed_from": state["resumed_from"]}
 
 
-def _save(engine, model, state: dict[str, Any], rank: int, world: int, loop: LoopConfig, final: bool) -> None:
+def _save(engine, model, state: dict[str, Any], rank: int, world: int, final: bool, die_while_saving: bool) -> None:
     step = state["step"]
     tag = f"step{step}"
     metrics = {"step": step, **{k: v for k, v in (state["history"][-1] if state["history"] else {}).items()
@@ -370,7 +387,7 @@ def _save(engine, model, state: dict[str, Any], rank: int, world: int, loop: Loo
         if final:
             _export(engine, model, state, rank, root / EXPORT_DIR)
         engine.save_checkpoint(str(root / "ds"), tag=tag, client_state={"anytoken": state})
-        if loop.fault.rank == rank and loop.fault.step == step and loop.fault.when == "during_save":
+        if die_while_saving:
             time.sleep(3)
             _die(f"while writing the checkpoint of step {step}")
         _write_manifest(root, rank, world, tag)

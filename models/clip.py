@@ -50,7 +50,8 @@ class TinyCLIP(Pretrained):
                                            batch_first=True, norm_first=True)
         self.text_encoder = nn.TransformerEncoder(layer, config.text_layers, enable_nested_tensor=False)
         self.text_projection = nn.Linear(config.text_width, config.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
+        # shape (1,), not a scalar: DeepSpeed broadcasts parameters as bytes, which a 0-dim tensor cannot be viewed as
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / config.init_temperature)]))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         images = check_images(images, self.config.image_size)

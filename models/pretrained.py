@@ -131,11 +131,16 @@ class Pretrained(nn.Module):
         """The tensors model.safetensors holds: all of them, unless a kind keeps frozen parts elsewhere."""
         return self.state_dict()
 
+    def start_from(self, other: "Pretrained") -> None:
+        """Take the weights of a model of another kind; kinds that can override this."""
+        raise ValueError(f"a {self.kind!r} cannot start from a {other.kind!r} folder")
+
 
 def _register_all() -> None:
     import models  # noqa: F401  (the tokenizers)
     import models.clip  # noqa: F401
     import models.multimodal_lm  # noqa: F401
+    import models.text_lm  # noqa: F401
     import models.x2l  # noqa: F401
 
 
@@ -146,7 +151,8 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def build_model(kind: str, config: dict[str, Any] | None = None, init_from: str | Path | None = None) -> Pretrained:
-    """A fresh model of `kind` from a config dict; with `init_from`, the weights of that saved folder."""
+    """A fresh model of `kind` from a config dict; with `init_from`, the weights of that saved folder (a folder of
+    the same kind, or one of another kind that this kind knows how to start from, e.g. video from image_vq)."""
     _register_all()
     if kind not in _REGISTRY:
         raise ValueError(f"unknown model kind {kind!r} (known: {', '.join(sorted(_REGISTRY))})")
@@ -156,5 +162,9 @@ def build_model(kind: str, config: dict[str, Any] | None = None, init_from: str 
     except ConfigError as err:
         raise ValueError(f"{kind} config: {err}") from None
     if init_from:
-        load_weights_into(model, Path(init_from) / WEIGHTS_FILE)
+        source = read_json(Path(init_from) / CONFIG_FILE).get("kind")
+        if source == kind:
+            load_weights_into(model, Path(init_from) / WEIGHTS_FILE)
+        else:
+            model.start_from(load_pretrained(init_from))
     return model

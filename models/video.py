@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from models.image_vq import ImageVQConfig, ImageVQTokenizer
+from models.pretrained import Pretrained
 from models.tokenizer import MediaTokenizer, StepOutput, check_codes, check_images
 
 
@@ -47,6 +48,13 @@ class VideoTokenizer(MediaTokenizer):
             config = VideoConfig(fps=config.fps, max_frames=config.max_frames, image=image_tokenizer.config)
         self.config = config
         self.image = image_tokenizer if image_tokenizer is not None else ImageVQTokenizer(config.image)
+
+    def start_from(self, other: Pretrained) -> None:
+        """Share an image tokenizer's weights: the video's frame codes are then that tokenizer's image codes."""
+        if not isinstance(other, ImageVQTokenizer):
+            super().start_from(other)
+        self.image = other
+        self.config = VideoConfig(fps=self.config.fps, max_frames=self.config.max_frames, image=other.config)
 
     @property
     def codebook_size(self) -> int:

@@ -9,6 +9,10 @@ WORKFLOWS = {
     "demo-data": "workflows.demo_data",
     "text-tokenizer": "workflows.text_tokenizer",
     "prepare": "workflows.prepare",
+    "train-tokenizer": "workflows.train_tokenizer",
+    "train-clip": "workflows.train_clip",
+    "train-llm": "workflows.train_llm",
+    "train": "workflows.train",
 }
 
 

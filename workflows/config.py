@@ -51,6 +51,12 @@ def apply_override(data: dict[str, Any], cls: type, assignment: str) -> None:
             if hint is str and not isinstance(node[part], str):   # `name=123` means the string "123"
                 node[part] = raw
             return
+        if typing.get_origin(hint) is dict:     # free-form mapping (e.g. a model kind's config): checked later
+            node = node.setdefault(part, {})
+            for sub in parts[depth + 1:-1]:
+                node = node.setdefault(sub, {})
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            return
         if not dataclasses.is_dataclass(hint):
             raise ConfigError(f"config key '{'.'.join(parts[:depth + 1])}' has no sub-keys")
         node = node.setdefault(part, {})
@@ -65,11 +71,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return config_from_dict(cls, data)
 
 
+def _is_scalar(hint: Any) -> bool:
+    """str, int, float, bool or an optional one: the keys that get a --flag (the others take key=value)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint in (str, int, float, bool) or (len(args) == 1 and args[0] in (str, int, float, bool))
+
+
 def parse_args(cls: type[T], argv: list[str] | None, description: str, prog: str,
                default_config: str | None = None, aliases: dict[str, str] | None = None) -> T:
     """Command line -> config: `[--config FILE] [--KEY VALUE ...] [key.sub=value ...]`.
 
-    `aliases` adds flags for nested keys, e.g. {"manifest": "source.manifest"} gives `--manifest PATH`.
+    Top-level scalar keys get a flag (`--out DIR`); `aliases` adds flags for nested keys, e.g.
+    {"manifest": "source.manifest"} gives `--manifest PATH`.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      epilog="Any key can also be set as key.sub=value; see the YAML files in "
@@ -77,7 +90,7 @@ def parse_args(cls: type[T], argv: list[str] | None, description: str, prog: str
     parser.add_argument("--config", help="YAML config file" + (f" (default: {default_config})" if default_config else ""))
     hints = typing.get_type_hints(cls)
     defaults = config_to_dict(cls())
-    flags = [f.name for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
+    flags = [f.name for f in dataclasses.fields(cls) if _is_scalar(hints[f.name])]
     for name in flags:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE",
                             help=f"sets {name} (built-in default: {defaults[name]})")
@@ -85,7 +98,7 @@ def parse_args(cls: type[T], argv: list[str] | None, description: str, prog: str
     for flag, key in aliases.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"alias_{flag}", metavar="VALUE", help=f"sets {key}")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)   # overrides may come before and after flags
     path = args.config or (CONFIG_DIR / default_config if default_config else None)
     overrides = [f"{name}={getattr(args, name)}" for name in flags if getattr(args, name) is not None]
     overrides += [f"{key}={getattr(args, f'alias_{flag}')}" for flag, key in aliases.items()
