@@ -2,8 +2,11 @@
 import pytest
 
 from actors.prepare import PrepareConfig
+from actors.train_jobs import ModelTrainConfig, TealConfig
 from models import AudioVQConfig, DynamicVisualConfig, ImageVQConfig, VideoConfig
-from workflows.config import CONFIG_DIR, load_config
+from models.configuration import config_from_dict
+from models.pretrained import _REGISTRY, _register_all
+from workflows.config import CONFIG_DIR, load_config, read_yaml
 from workflows.demo_data import DemoDataConfig
 
 CLASSES = {"demo_data.yaml": DemoDataConfig, "prepare_demo.yaml": PrepareConfig}
@@ -15,6 +18,12 @@ TOKENIZERS = {"image_vq": ImageVQConfig, "dynamic_visual": DynamicVisualConfig, 
 def test_shipped_config_loads(path):
     if path.parent.name == "tokenizers":
         cls = next(c for prefix, c in TOKENIZERS.items() if path.stem.startswith(prefix))
+    elif path.parent.name == "train":
+        cls = TealConfig if path.stem.startswith("teal") else ModelTrainConfig
     else:
         cls = CLASSES[path.name]
-    load_config(cls, path)
+    config = load_config(cls, path)
+    if isinstance(config, ModelTrainConfig):      # and the model's own fields fit its kind
+        _register_all()
+        fields = {**(read_yaml(CONFIG_DIR / config.config_file) if config.config_file else {}), **config.config}
+        config_from_dict(_REGISTRY[config.kind].config_class, fields)
