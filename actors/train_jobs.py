@@ -41,7 +41,16 @@ def _build_media_model(kind: str, config: dict[str, Any], init_from: str | None,
     return model
 
 
+def _quiet_data_progress() -> None:
+    """The loop logs its own progress (step, loss, tokens/s); Ray Data's bars for every epoch of a training
+    dataset would drown it."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 def _model_datasets(cfg: ModelTrainConfig, build) -> dict[str, Any]:
+    _quiet_data_progress()
     splits = {"train": cfg.data.split, **({"val": cfg.data.val_split} if cfg.data.val_split else {})}
     if cfg.data.kind == "text":
         return {name: text_dataset(cfg.data, split) for name, split in splits.items()}
@@ -151,6 +160,7 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
     if not cfg.stages:
         raise ValueError("no stages: declare at least one under `stages`")
     model_config = teal_model_config(cfg)
+    _quiet_data_progress()
     out = Path(cfg.out)
     stages_dir = out.parent / f"{out.name}.stages"
     previous: str | None = None

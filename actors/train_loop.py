@@ -245,25 +245,38 @@ def _batches(shard, loop: LoopConfig, collate, state: dict[str, Any]) -> Iterato
         state["batch_in_epoch"] = 0
 
 
-def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+def _mean_over_ranks(sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+    """Per-key means over every rank's window; a metric some batches lack (no media token, no SEA pair) is
+    averaged over the batches that have it, and ranks may hold different keys."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        return {k: sums[k] / counts[k] for k in sorted(sums)}
+    every: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(every, sorted(sums))
+    keys = sorted(set().union(*every))
+    t = torch.tensor([[sums.get(k, 0.0), counts.get(k, 0.0)] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+    return {k: float(total) / float(n) for k, (total, n) in zip(keys, t.tolist()) if n > 0}
 
 
-def _sum_over_ranks(values: list[float]) -> list[float]:
+def _sum_over_ranks(values: list[float], op: str = "sum") -> list[float]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return values
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory: GPU memory allocated on a GPU, else the resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux reports KiB
 
 
 @torch.no_grad()
@@ -282,10 +295,25 @@ def _val_loss(engine, shard, loop: LoopConfig, collate, device, float_dtype, max
     return got[0] / got[1] if got[1] else float("nan")
 
 
+def _new_window() -> dict[str, Any]:
+    """What the loop sums between two log lines."""
+    return {"t0": time.perf_counter(), "tokens": 0, "samples": 0, "sums": {}, "counts": {}}
+
+
+def _accumulate(window: dict[str, Any], metrics: dict[str, float]) -> None:
+    for k, v in metrics.items():
+        window["sums"][k] = window["sums"].get(k, 0.0) + v
+        window["counts"][k] = window["counts"].get(k, 0) + 1
+
+
 def _worker_loop(job: dict[str, Any]) -> dict[str, Any]:
     import deepspeed
 
     loop, data = job["loop"], job["data"]
+    if os.path.isdir(job["cwd"]):
+        # relative paths in configs mean the driver's folder (a worker with a runtime env starts elsewhere); on
+        # another node of a `ray job submit` run the job's working_dir copy is already the worker's folder
+        os.chdir(job["cwd"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -328,10 +356,9 @@ def _worker_loop(job: dict[str, Any]) -> dict[str, Any]:
     collate = make_collate(data)
     batches = _batches(ray.train.get_dataset_shard("train"), loop, collate, state)
     val_shard = ray.train.get_dataset_shard("val") if job["has_val"] else None
-    window = {"t0": time.perf_counter(), "tokens": 0, "samples": 0, "sums": {}, "steps": 0}
+    window = _new_window()
 
     while state["step"] < loop.steps:
-        step_metrics: dict[str, float] = {}
         for _ in range(loop.grad_accum):
             batch = _to_device(next(batches), device, float_dtype)
             out = engine(batch)
@@ -339,27 +366,26 @@ def _worker_loop(job: dict[str, Any]) -> dict[str, Any]:
             engine.step()
             window["tokens"] += count_tokens(batch)
             window["samples"] += batch_size_of(batch)
-            for k, v in out.metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v / loop.grad_accum
+            _accumulate(window, out.metrics)
         state["step"] += 1
         step = state["step"]
         norm = engine.get_global_grad_norm()
-        step_metrics["grad_norm"] = float(norm) if norm is not None else float("nan")
-        for k, v in step_metrics.items():
-            window["sums"][k] = window["sums"].get(k, 0.0) + v
-        window["steps"] += 1
+        if norm is not None:
+            _accumulate(window, {"grad_norm": float(norm)})
 
         if step % loop.log_every == 0 or step == loop.steps:
             seconds = time.perf_counter() - window["t0"]
-            entry = _mean_over_ranks({k: v / window["steps"] for k, v in window["sums"].items()})
+            entry = _mean_over_ranks(window["sums"], window["counts"])
             tokens, samples = _sum_over_ranks([window["tokens"], window["samples"]])
             entry.update(step=step, epoch=state["epoch"], lr=float(scheduler.get_last_lr()[0]),
-                         tokens_per_s=tokens / seconds, samples_per_s=samples / seconds)
+                         tokens_per_s=tokens / seconds, samples_per_s=samples / seconds,
+                         peak_memory_mb=_sum_over_ranks([peak_memory_mb(device)], op="max")[0])
             state["history"].append(entry)
             if rank == 0:
                 logger.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f", step, loop.steps,
-                            entry.get("loss", float("nan")), entry["lr"], entry["grad_norm"], entry["tokens_per_s"])
-            window = {"t0": time.perf_counter(), "tokens": 0, "samples": 0, "sums": {}, "steps": 0}
+                            entry.get("loss", float("nan")), entry["lr"], entry.get("grad_norm", float("nan")),
+                            entry["tokens_per_s"])
+            window = _new_window()
             if step % loop.checkpoint_every != 0 and step != loop.steps:
                 ray.train.report(entry)
 
@@ -419,7 +445,7 @@ def fit(job: Job, export_to: str | Path | None = None) -> RunResult:
     storage = loop.storage_path if "://" in loop.storage_path else str(Path(loop.storage_path).resolve())
     trainer = TorchTrainer(
         _worker_loop, train_loop_config={"build": job.build, "loop": loop, "data": job.data,
-                                         "has_val": "val" in job.datasets},
+                                         "has_val": "val" in job.datasets, "cwd": os.getcwd()},
         scaling_config=ScalingConfig(num_workers=loop.num_workers, use_gpu=loop.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=loop.name, storage_path=storage,

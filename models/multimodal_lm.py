@@ -46,6 +46,11 @@ class MultimodalLMConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     unfreeze_llm: Literal["none", "norms", "all"] = "none"
     sea: SeaConfig = field(default_factory=SeaConfig)
+    # "grammar": each target's softmax runs over its own group (text and specials, or its codebook), as decoding
+    # under the modality grammar chooses; the new media heads then cannot crowd out the frozen text head.
+    # "joint": one softmax over the whole vocabulary.
+    loss: Literal["grammar", "joint"] = "grammar"
+    media_loss_weight: float = 1.0     # weight of media-code targets against text targets (an image has 64+)
 
 
 def load_base_llm(path: str) -> nn.Module:
@@ -199,13 +204,32 @@ class MultimodalLM(Pretrained):
         _, logits = self.hidden_and_logits(ids, docs, batch["position_ids"].long(), embeds=embeds)
         targets = ids[:, 1:]
         valid = (batch["loss_mask"][:, 1:] > 0) & (docs[:, 1:] == docs[:, :-1]) & (docs[:, 1:] >= 0)
-        picked = logits[:, :-1][valid].float()
+        picked, wanted = logits[:, :-1][valid].float(), targets[valid]                 # (N, V), (N,)
         if picked.shape[0] == 0:
             raise ValueError("a batch without any target token: check loss_mask and doc_ids")
-        lm_loss = F.cross_entropy(picked, targets[valid])
+        group = self.vocab.group_of(wanted)
+        if self.config.loss == "grammar":
+            normaliser = torch.stack([picked[:, g.start:g.stop].logsumexp(-1) for g in self.vocab.groups()], -1)
+            per_token = normaliser.gather(1, group[:, None])[:, 0] - picked.gather(1, wanted[:, None])[:, 0]
+            in_group = torch.full_like(picked, float("-inf"))
+            for i, g in enumerate(self.vocab.groups()):
+                rows = group == i
+                in_group[rows, g.start:g.stop] = picked[rows, g.start:g.stop]
+            predicted = in_group.argmax(-1)
+        else:
+            per_token = F.cross_entropy(picked, wanted, reduction="none")
+            predicted = picked.argmax(-1)
+        media = group > 0
+        weights = torch.where(media, self.config.media_loss_weight, 1.0)
+        lm_loss = (per_token * weights).sum() / weights.sum()
         loss = lm_loss
+        correct = (predicted == wanted).float()
         metrics = {"lm_loss": float(lm_loss.detach()), "tokens": float(valid.sum()),
-                   "accuracy": float((picked.argmax(-1) == targets[valid]).float().mean())}
+                   "accuracy": float(correct.mean())}
+        for name, where in (("text", ~media), ("media", media)):
+            if where.any():
+                metrics[f"{name}_loss"] = float(per_token[where].mean().detach())
+                metrics[f"{name}_accuracy"] = float(correct[where].mean())
         if self.sea_labeler is not None:
             pairs = self.sea_labeler.pairs(ids, docs, embeds, self.llm.get_input_embeddings())
             if pairs is not None:

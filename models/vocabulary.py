@@ -78,6 +78,18 @@ class JointVocabulary:
             return "special"
         return next(name for name in self.codebooks if global_id in self.codebook_range(name))
 
+    def groups(self) -> list[range]:
+        """What a decoder chooses among at one position: text ids with the special tokens (outside media blocks),
+        or one codebook's ids (inside a block of that modality). The grammar of generation and the grouped
+        training loss both follow it."""
+        start = self.text_size + len(SPECIAL_TOKENS)
+        return [range(0, start)] + [range(self.offsets[n], self.offsets[n] + s) for n, s in self.codebooks.items()]
+
+    def group_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The index in groups() of every global id (same shape)."""
+        starts = torch.tensor([g.start for g in self.groups()[1:]], device=ids.device)
+        return torch.bucketize(ids, starts, right=True)
+
     # --- local <-> global -------------------------------------------------------------------------
     def to_global(self, modality: str, local_ids: IdsLike) -> IdsLike:
         r = self.codebook_range(modality)

@@ -6,6 +6,7 @@ import logging
 import sys
 
 WORKFLOWS = {
+    "demo": "workflows.demo",
     "demo-data": "workflows.demo_data",
     "text-tokenizer": "workflows.text_tokenizer",
     "prepare": "workflows.prepare",

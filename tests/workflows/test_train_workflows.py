@@ -13,6 +13,7 @@ from models.media import write_png
 from models.sequences import media_text_documents, pack_documents
 from models.vocabulary import JointVocabulary
 from workflows import train, train_clip, train_llm, train_tokenizer
+from workflows.config import CONFIG_DIR
 from workflows.demo_data import WORDS
 
 pytestmark = pytest.mark.slow
@@ -96,6 +97,21 @@ def test_train_llm_exports_a_hugging_face_causal_lm_that_learned(ray_local, mani
     assert llm.config.hidden_size == 32 and len(tokenizer) == llm.get_input_embeddings().num_embeddings
     history = [json.loads(line) for line in (tmp_path / "llm" / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["loss"] < 0.7 * history[0]["loss"], history
+
+
+def test_the_x2l_interface_trains_with_the_same_loop(ray_local, manifest, text_tokenizer_path, tiny_llm_path,
+                                                     tmp_path):
+    code = train_tokenizer.main(["--config", str(CONFIG_DIR / "train" / "x2l_demo.yaml"), f"config.base_llm={tiny_llm_path}",
+                                 "config.text_special_ids=[0, 1]", "config.width=32", "config.layers=1",
+                                 f"data.path={manifest}", f"data.text_tokenizer={text_tokenizer_path}",
+                                 "loop.optim.lr=0.01", *common(tmp_path, "x2l", steps=8)])
+    assert code == 0
+    x2l = load_pretrained(tmp_path / "x2l")
+    assert x2l.soft_tokens(torch.rand(2, 3, 32, 32)).shape == (2, 8 + 2, 32)     # start, 8 queries, end
+    assert set(x2l.saved_state()) == {k for k in x2l.state_dict() if k.startswith(("adapter.", "boundaries",
+                                                                                  "encoder."))}
+    history = [json.loads(line) for line in (tmp_path / "x2l" / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["loss"] < history[0]["loss"], history
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,158 @@
+"""The whole mission on one machine: demo data, tokenizers, CLIP and base LLM, prepare, the TEAL stages.
+
+    anytoken demo [--out runs/demo] [--size full|smoke] [--fresh]
+
+Every step is the real workflow (`anytoken NAME`) with its shipped config, run in this process on one local
+Ray. A step whose output is there is skipped, so a second run picks up where the first stopped; when a step
+runs, the steps after it run again. `--size smoke` runs every step at its smallest (the CI test); `--fresh`
+starts from nothing.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from workflows.config import CONFIG_DIR, parse_args
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    size: Literal["full", "smoke"] = "full"
+    fresh: bool = False                # remove `out` first
+
+
+@dataclass
+class Step:
+    name: str
+    workflow: str                      # a module of workflows/ with main(argv)
+    args: Callable[[Path], list[str]]  # its command line, given the demo folder
+    outputs: list[str]                 # what it leaves (relative to the demo folder); the first one marks it done
+    smoke: list[str] = field(default_factory=list)   # overrides for --size smoke
+    what: str = ""
+
+
+def _train(config: str, *more: str) -> Callable[[Path], list[str]]:
+    return lambda o: ["--config", str(CONFIG_DIR / "train" / config), f"loop.storage_path={o / 'ray'}", *more]
+
+
+def _with(args: Callable[[Path], list[str]], extra: Callable[[Path], list[str]]) -> Callable[[Path], list[str]]:
+    return lambda o: args(o) + extra(o)
+
+
+SMOKE_LOOP = ["loop.log_every=5", "loop.checkpoint_every=10"]
+STEPS = [
+    Step("data", "demo_data", lambda o: ["--out", str(o / "data")], ["data/manifest.parquet", "data"],
+         smoke=["images=300", "audio_per_digit=4", "videos=40"],
+         what="real digits (scikit-learn), spoken digits (espeak-ng), moving-digit clips; manifest"),
+    Step("text tokenizer", "text_tokenizer",
+         lambda o: ["--manifest", str(o / "data/manifest.jsonl"), "--out", str(o / "text_tokenizer")],
+         ["text_tokenizer/tokenizer.json", "text_tokenizer"], what="BPE on the demo texts"),
+    Step("image tokenizer", "train_tokenizer",
+         _train("image_vq_demo.yaml", "loop.name=demo-image-vq", "--out", "{o}/tokenizers/image"),
+         ["tokenizers/image/model.safetensors", "tokenizers/image", "ray/demo-image-vq"],
+         smoke=["loop.steps=20", *SMOKE_LOOP], what="ImageVQ, Ray Train + DeepSpeed ZeRO-2"),
+    Step("video tokenizer", "train_tokenizer",
+         _train("video_demo.yaml", "init_from={o}/tokenizers/image", "--out", "{o}/tokenizers/video"),
+         ["tokenizers/video/model.safetensors", "tokenizers/video"], what="frames through the image tokenizer"),
+    Step("audio tokenizer", "train_tokenizer",
+         _train("audio_vq_demo.yaml", "loop.name=demo-audio-vq", "--out", "{o}/tokenizers/audio"),
+         ["tokenizers/audio/model.safetensors", "tokenizers/audio", "ray/demo-audio-vq"],
+         smoke=["loop.steps=20", "loop.micro_batch_size=4", *SMOKE_LOOP], what="AudioVQ, 25 tokens/s"),
+    Step("CLIP", "train_clip",
+         _train("clip_demo.yaml", "loop.name=demo-clip", "data.text_tokenizer={o}/text_tokenizer", "--out",
+                "{o}/clip"),
+         ["clip/model.safetensors", "clip", "ray/demo-clip"], smoke=["loop.steps=20", *SMOKE_LOOP],
+         what="labels image tokens with words for SEA"),
+    Step("base LLM", "train_llm",
+         _train("llm_demo.yaml", "loop.name=demo-llm", "config.text_tokenizer={o}/text_tokenizer",
+                "data.text_tokenizer={o}/text_tokenizer", "--out", "{o}/llm"),
+         ["llm/model.safetensors", "llm", "ray/demo-llm"], smoke=["loop.steps=20", *SMOKE_LOOP],
+         what="a tiny Llama on the demo texts, then frozen"),
+    Step("prepare", "prepare",
+         lambda o: ["--config", str(CONFIG_DIR / "prepare_demo.yaml"), f"source.manifest={o / 'data/manifest.jsonl'}",
+                    "--out", str(o / "prepared"), "--tokenizers", str(o / "tokenizers"),
+                    "--text-tokenizer", str(o / "text_tokenizer")],
+         ["prepared/stats.json", "prepared"], what="Ray Data: decode, tokenize, both orders, pack, shards"),
+    Step("TEAL", "train",
+         _train("teal_demo.yaml", "data={o}/prepared", "base_llm={o}/llm", "model.sea.clip={o}/clip", "--out",
+                "{o}/model"),
+         ["model/training.json", "model", "model.stages", "ray/demo-teal-"],
+         smoke=[f"stages=[{{name: image, train: [special, image], mix: {{image: 1}}, steps: 10}}, "
+                f"{{name: joint, train: [all], steps: 10}}]", *SMOKE_LOOP],
+         what="joint embeddings over the frozen LLM in X-LLM stages with SEA"),
+]
+
+
+def _expand(args: list[str], out: Path) -> list[str]:
+    return [a.replace("{o}", str(out)) for a in args]
+
+
+def _clear(out: Path, outputs: list[str]) -> None:
+    for name in outputs[1:]:
+        for path in out.glob(f"{name}*") if name.endswith("-") else [out / name]:      # "ray/run-": every stage
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
+def run_demo(cfg: DemoConfig) -> list[tuple[str, str, float]]:
+    """Run (or skip) every step; returns (step, status, seconds)."""
+    out = Path(cfg.out).resolve()
+    if cfg.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done, rerun = [], False
+    for i, step in enumerate(STEPS, 1):
+        if not rerun and (out / step.outputs[0]).exists():
+            logger.info("[%d/%d] %s: done before, skipped (%s)", i, len(STEPS), step.name, out / step.outputs[1])
+            done.append((step.name, "skipped", 0.0))
+            continue
+        rerun = True                    # what follows was made from what this step changes
+        _clear(out, step.outputs)
+        argv = _expand(step.args(out), out) + (step.smoke if cfg.size == "smoke" else [])
+        logger.info("[%d/%d] %s: %s\n    anytoken %s %s", i, len(STEPS), step.name, step.what,
+                    step.workflow.replace("_", "-"), " ".join(argv))
+        started = time.perf_counter()
+        code = importlib.import_module(f"workflows.{step.workflow}").main(argv)
+        seconds = time.perf_counter() - started
+        if code != 0:
+            raise RuntimeError(f"step {step.name!r} failed (exit code {code}); fix it and run the demo again: the "
+                               "steps before it are kept")
+        done.append((step.name, "ran", seconds))
+        logger.info("[%d/%d] %s: done in %.0f s -> %s", i, len(STEPS), step.name, seconds, out / step.outputs[1])
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    from actors.cluster import connect
+    from workflows.cli import setup_logging
+
+    setup_logging()
+    cfg = parse_args(DemoConfig, argv, description=__doc__, prog="anytoken demo")
+    connect()
+    try:
+        steps = run_demo(cfg)
+    except RuntimeError as err:
+        logger.error("%s", err)
+        return 1
+    out = Path(cfg.out)
+    print(f"\n{'step':<16} {'status':<8} {'seconds':>8}")
+    for name, status, seconds in steps:
+        print(f"{name:<16} {status:<8} {seconds:>8.0f}")
+    print(f"\ntotal {sum(s for _, _, s in steps):.0f} s. Results in {out}: data/, tokenizers/, clip/, llm/, "
+          f"prepared/ (shards, errors/, stats.json), model/ (the exported TEAL model)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
