@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 LAUNCHERS = ["aws.yaml", "gcp.yaml"]
 MANIFESTS = ["prepare-job.yaml", "train-job.yaml", "rayservice.yaml"]
-JOB_CONFIGS = {"prepare-job.yaml": ("workflows.prepare", PrepareConfig), "train-job.yaml": ("workflows.train", TealConfig)}
+JOB_CONFIGS = {"prepare-job.yaml": ("workflows.prepare", PrepareConfig),
+               "train-job.yaml": ("workflows.train", TealConfig)}
 SHARED = "/mnt/shared"
 IMAGE_HOME = "/home/ray/anytoken"     # where cluster/Dockerfile puts the project
 
