@@ -44,8 +44,8 @@ def selects(labels: dict[str, str], selector: dict[str, str]) -> bool:
 
 
 def pool_cpus(selector: dict[str, str] | None, work: str) -> float:
-    """CPUs of the alive nodes a label selector admits (every node when it is empty). None on an autoscaling
-    cluster only means the pool has not started yet, so it is said, not refused: `work` waits for the autoscaler."""
+    """CPUs of the alive nodes a label selector admits (every node when it is empty). No such node is said, not
+    refused: on an autoscaling cluster it means the pool has not started yet, and `work` waits for it."""
     nodes = [n for n in ray.nodes() if n["Alive"] and selects(n.get("Labels") or {}, selector or {})]
     if selector and not nodes:
         logger.warning("no node has the labels %s yet: the %s wait for the autoscaler to start one "
