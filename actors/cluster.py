@@ -29,3 +29,25 @@ def connect(num_cpus: int | None = None) -> None:
     else:
         ray.init(address="local", num_cpus=num_cpus or local_cpus(), runtime_env={"env_vars": WORKER_ENV})
     logger.info("Ray resources: %s", ray.cluster_resources())
+
+
+# --- pools: a cluster's node groups, told apart by node labels (cluster/*.yaml: pool=data, pool=gpu) ------------
+def selects(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    """Whether a node with `labels` satisfies a Ray label selector: `value`, `!value`, `in(a,b)` or `!in(a,b)`."""
+    for key, want in selector.items():
+        negate = want.startswith("!")
+        body = want[1:] if negate else want
+        values = [v.strip() for v in body[3:-1].split(",")] if body.startswith("in(") and body.endswith(")") else [body]
+        if (labels.get(key) in values) == negate:
+            return False
+    return True
+
+
+def pool_cpus(selector: dict[str, str] | None, work: str) -> float:
+    """CPUs of the alive nodes a label selector admits (every node when it is empty). No such node is said, not
+    refused: on an autoscaling cluster it means the pool has not started yet, and `work` waits for it."""
+    nodes = [n for n in ray.nodes() if n["Alive"] and selects(n.get("Labels") or {}, selector or {})]
+    if selector and not nodes:
+        logger.warning("no node has the labels %s yet: the %s wait for the autoscaler to start one "
+                       "(or for ever, on a cluster without such nodes)", selector, work)
+    return sum(n["Resources"].get("CPU", 0.0) for n in nodes)

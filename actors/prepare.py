@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from actors.cluster import pool_cpus
 from actors.prepare_setup import MediaLimits, setup_tokens
 from actors.sources import ROW_SCHEMA, Part, SourceConfig, enumerate_parts, error_row, filesystem
 from actors.sources import parquet_rows, webdataset_rows
@@ -42,6 +43,7 @@ class TokenizeConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0     # per actor, for GPU tokenizers on a cluster
     batch_size: int = 64
+    label_selector: dict[str, str] | None = None   # the actors' nodes; None: the run's label_selector
 
 
 @dataclass
@@ -54,6 +56,7 @@ class PrepareConfig:
     limits: MediaLimits = field(default_factory=MediaLimits)
     preprocess_num_cpus: float = 1.0
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    label_selector: dict[str, str] = field(default_factory=dict)   # nodes of every task and actor, e.g. {pool: data}
     rows_per_part: int = 2000
     target_shard_mb: float = 64.0
 
@@ -100,6 +103,15 @@ class Output:
         self.fs.delete_file(self.path(relative))
 
 
+def _placement(cfg: PrepareConfig) -> dict[str, Any]:
+    """Where the run's Ray Data tasks go: on a cluster, the nodes its label selector names (the CPU pool)."""
+    return {"label_selector": cfg.label_selector or None}
+
+
+def _tokenize_selector(cfg: PrepareConfig) -> dict[str, str]:
+    return cfg.label_selector if cfg.tokenize.label_selector is None else cfg.tokenize.label_selector
+
+
 def _part_dataset(part: Part, cfg: PrepareConfig) -> ray.data.Dataset:
     """The part's rows in ROW_SCHEMA, read through Ray Data's own readers for containers."""
     if part.kind == "rows":   # blocks of half a batch, so that the pools get work in parallel from the start
@@ -107,20 +119,21 @@ def _part_dataset(part: Part, cfg: PrepareConfig) -> ray.data.Dataset:
         step = max(1, cfg.tokenize.batch_size // 2)
         return ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
     if part.kind == "webdataset":
-        ds = ray.data.read_webdataset(part.uri, decoder=None)
+        ds = ray.data.read_webdataset(part.uri, decoder=None, **_placement(cfg))
         return ds.map_batches(webdataset_rows, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size,
-                              fn_kwargs={"default_split": cfg.source.default_split})
-    ds = ray.data.read_parquet(part.uri)
+                              fn_kwargs={"default_split": cfg.source.default_split}, **_placement(cfg))
+    ds = ray.data.read_parquet(part.uri, **_placement(cfg))
     return ds.map_batches(parquet_rows, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size,
+                          **_placement(cfg),
                           fn_kwargs={"columns": cfg.source.parquet_columns, "uri": part.uri,
                                      "default_split": cfg.source.default_split})
 
 
 def _initial_pool_size(cfg: PrepareConfig) -> int:
-    """As many tokenizer actors as the cluster holds now, up to the configured pool size (an autoscaling cluster
-    grows the pool later): a pool started larger than the cluster waits for CPUs that never come."""
+    """As many tokenizer actors as the pool's nodes hold now, up to the configured pool size (an autoscaling
+    cluster grows the pool later): a pool started larger than the cluster waits for CPUs that never come."""
     tok = cfg.tokenize
-    cpus = ray.cluster_resources().get("CPU", 0.0)
+    cpus = pool_cpus(_tokenize_selector(cfg), "tokenizer actors")
     fits = int(cpus // tok.num_cpus) if tok.num_cpus > 0 else tok.concurrency
     return max(1, min(tok.concurrency, fits))
 
@@ -130,14 +143,15 @@ def _run_part(part: Part, cfg: PrepareConfig, actor_kwargs: dict[str, Any],
     """Every row of the part after the pipeline, media dropped: good rows with documents, bad rows with errors."""
     ds = (_part_dataset(part, cfg)
           # reading bytes holds no CPU slot: the tokenizer pool may fill every core without starving its input
-          .map_batches(read_media, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size, num_cpus=0)
+          .map_batches(read_media, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size, num_cpus=0,
+                       **_placement(cfg))
           .map_batches(preprocess_media, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size,
-                       num_cpus=cfg.preprocess_num_cpus, fn_kwargs={"config": preprocess})
+                       num_cpus=cfg.preprocess_num_cpus, fn_kwargs={"config": preprocess}, **_placement(cfg))
           .map_batches(TokenizeActor, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size,
                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.tokenize.concurrency,
                                                           initial_size=_initial_pool_size(cfg)),
                        num_cpus=cfg.tokenize.num_cpus, num_gpus=cfg.tokenize.num_gpus or None,
-                       fn_constructor_kwargs=actor_kwargs))
+                       label_selector=_tokenize_selector(cfg) or None, fn_constructor_kwargs=actor_kwargs))
     keep = [n for n in ROW_SCHEMA.names if n != "data"]
     try:
         rows = [r for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None)

@@ -81,7 +81,8 @@ class LoopConfig:
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] = field(default_factory=dict)   # e.g. {"train_pool": 1}
+    resources_per_worker: dict[str, float] = field(default_factory=dict)   # custom resources, e.g. {"nvme": 1}
+    label_selector: dict[str, str] = field(default_factory=dict)   # the workers' nodes, e.g. {"pool": "gpu"}
     max_failures: int = 2              # worker-group restarts from the last checkpoint
     seed: int = 0
     deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
@@ -447,7 +448,7 @@ def fit(job: Job, export_to: str | Path | None = None) -> RunResult:
         _worker_loop, train_loop_config={"build": job.build, "loop": loop, "data": job.data,
                                          "has_val": "val" in job.datasets, "cwd": os.getcwd()},
         scaling_config=ScalingConfig(num_workers=loop.num_workers, use_gpu=loop.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, label_selector=loop.label_selector or None),
         run_config=RunConfig(name=loop.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=loop.max_failures, controller_failure_limit=3),
                              checkpoint_config=CheckpointConfig(num_to_keep=loop.keep_checkpoints),

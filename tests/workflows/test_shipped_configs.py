@@ -20,6 +20,8 @@ def test_shipped_config_loads(path):
         cls = next(c for prefix, c in TOKENIZERS.items() if path.stem.startswith(prefix))
     elif path.parent.name == "train":
         cls = TealConfig if path.stem.startswith("teal") else ModelTrainConfig
+    elif path.parent.name == "cluster":
+        cls = {"prepare.yaml": PrepareConfig, "train.yaml": TealConfig}[path.name]
     else:
         cls = CLASSES[path.name]
     config = load_config(cls, path)
