@@ -79,6 +79,11 @@ class BlockShape:
         """The shortest complete block, boundaries included."""
         return (self.maximum if self.exact else 1) + 2
 
+    @property
+    def max_tokens(self) -> int:
+        """The longest complete block, boundaries and frame separators included."""
+        return self.maximum * self.max_frames + (self.max_frames - 1) + 2
+
 
 @dataclass
 class Generation:
@@ -245,15 +250,8 @@ def decode_steps(model, grammar: ModalityGrammar, prompts: Sequence[Sequence[int
     if len(prompts) != len(params) or not prompts:
         raise ValueError(f"expected one SamplingParams per prompt and at least one prompt, got {len(prompts)} "
                          f"prompts and {len(params)} params")
-    for i, (prompt, p) in enumerate(zip(prompts, params)):
-        p.validate()
-        if not prompt:
-            raise ValueError(f"prompt {i} is empty")
-        if not all(0 <= int(t) < grammar.vocab.size for t in prompt):
-            raise ValueError(f"prompt {i} holds ids outside the vocabulary [0, {grammar.vocab.size})")
-        if context_length is not None and len(prompt) + p.max_new_tokens > context_length:
-            raise ValueError(f"prompt {i}: {len(prompt)} prompt tokens + max_new_tokens {p.max_new_tokens} exceed "
-                             f"the context length {context_length}")
+    for prompt, p in zip(prompts, params):
+        check_request(grammar, prompt, p, context_length)
     params = [with_seed(p) for p in params]
     rows = _Rows(states=[grammar.row(p) for p in params], params=params,
                  generators=[torch.Generator().manual_seed(p.seed) for p in params])
@@ -318,6 +316,20 @@ def decode_steps(model, grammar: ModalityGrammar, prompts: Sequence[Sequence[int
             feed_ids = torch.cat([feed_ids, new[:, None]], dim=1)
             feed_mask = torch.cat([feed_mask, new_mask[:, None]], dim=1)
             feed_positions = torch.cat([feed_positions, new_positions[:, None]], dim=1)
+
+
+def check_request(grammar: ModalityGrammar, prompt: Sequence[int], params: SamplingParams,
+                  context_length: int | None = None) -> None:
+    """Raise ValueError for a request that cannot be decoded: bad parameters, ids, or too long for the context."""
+    params.validate()
+    grammar.row(params)
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if not all(0 <= int(t) < grammar.vocab.size for t in prompt):
+        raise ValueError(f"the prompt holds ids outside the vocabulary [0, {grammar.vocab.size})")
+    if context_length is not None and len(prompt) + params.max_new_tokens > context_length:
+        raise ValueError(f"{len(prompt)} prompt tokens + max_new_tokens {params.max_new_tokens} exceed the context "
+                         f"length {context_length}")
 
 
 def generate(model, grammar: ModalityGrammar, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],

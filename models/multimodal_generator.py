@@ -17,7 +17,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from models.generation import BlockShape, Generation, ModalityGrammar, SamplingParams, decode_steps, generate
+from models.generation import (BlockShape, Generation, ModalityGrammar, SamplingParams, check_request, decode_steps,
+                               generate)
 from models.media import encode_mp4, encode_png, encode_wav
 from models.preprocess import (AudioPreprocessConfig, ImagePreprocessConfig, MediaError, VideoPreprocessConfig,
                                preprocess_audio, preprocess_image, preprocess_video)
@@ -81,11 +82,16 @@ class ExportedModel:
         if meta.get("kind") != "multimodal_lm":
             raise ValueError(f"{self.root / CONFIG_FILE} holds a {meta.get('kind')!r}, not a 'multimodal_lm'")
         self.config = meta["config"]
-        self.base_llm = base_llm or self.config["base_llm"]
-        if not Path(self.base_llm).is_dir():
-            raise FileNotFoundError(f"the base LLM folder {self.base_llm!r} of {self.root} is missing "
-                                    "(point base_llm at where it is on this machine)")
+        self._base_llm = base_llm or self.config["base_llm"]
         self.vocab = JointVocabulary.from_pretrained(self.root)
+
+    @property
+    def base_llm(self) -> str:
+        """The frozen base LLM's folder, checked when something needs it (a tokenizer replica does not)."""
+        if not Path(self._base_llm).is_dir():
+            raise FileNotFoundError(f"the base LLM folder {self._base_llm!r} of {self.root} is missing "
+                                    "(point base_llm at where it is on this machine)")
+        return self._base_llm
 
     @property
     def name(self) -> str:
@@ -182,11 +188,11 @@ def _image_size(tokenizer: Any) -> int:
 class PromptEncoder:
     """Request parts (text, media bytes) -> prompt ids: media decoded, resized and tokenized, then wrapped."""
 
-    def __init__(self, exported: ExportedModel, limits: InputLimits | None = None):
+    def __init__(self, exported: ExportedModel, limits: InputLimits | None = None, media: bool = True):
         self.limits = limits or InputLimits()
         self.vocab = exported.vocab
         self.text = exported.text_tokenizer()
-        self.tokenizers = exported.media_tokenizers()
+        self.tokenizers = exported.media_tokenizers() if media else {}   # media=False: text prompts only
         self.preprocess: dict[str, Any] = {}
         if "image" in self.tokenizers:
             self.preprocess["image"] = ImagePreprocessConfig(size=_image_size(self.tokenizers["image"]),
@@ -284,6 +290,17 @@ class TokenGenerator:
         self.context_length = exported.context_length()
         self.use_cache = use_cache
 
+    def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request this model cannot decode (before it joins a batch)."""
+        check_request(self.grammar, prompt, params, self.context_length)
+
+    def describe(self) -> dict[str, Any]:
+        """What a server tells its clients and checks requests against."""
+        return {"context_length": self.context_length, "output_modalities": ["text", *self.grammar.shapes],
+                "block_min_tokens": {m: s.min_tokens for m, s in self.grammar.shapes.items()},
+                "block_max_tokens": {m: s.max_tokens for m, s in self.grammar.shapes.items()},
+                "guidance": bool(self.uncond_prompt)}
+
     def steps(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Iterator[list[int | None]]:
         return decode_steps(self.model, self.grammar, prompts, params, self.pad_id, self.uncond_prompt,
                             self.use_cache, self.context_length)
@@ -296,15 +313,19 @@ class TokenGenerator:
 class OutputDecoder:
     """Generated ids -> the reply's text and its media files, through the de-tokenizers."""
 
-    def __init__(self, exported: ExportedModel):
+    def __init__(self, exported: ExportedModel, media: bool = True):
         self.vocab = exported.vocab
         self.text = exported.text_tokenizer()
-        self.tokenizers = exported.media_tokenizers()
+        self.tokenizers = exported.media_tokenizers() if media else {}   # media=False: text replies only
+        self.opens = {self.vocab.special_id(start) for start, _ in BOUNDARIES.values()}
+
+    def has_media(self, ids: Sequence[int]) -> bool:
+        return any(int(i) in self.opens for i in ids)
 
     def segments(self, ids: Sequence[int]) -> list[tuple[str, list[int]]]:
         """Split ids into ('text', ids) and (modality, block ids incl. boundaries); stops at eos; a block cut
         short (never made by the grammar) is dropped."""
-        opens = {self.vocab.special_id(start): m for m, (start, _) in BOUNDARIES.items()}
+        opens = {self.vocab.special_id(start): m for m, (start, _) in BOUNDARIES.items()}   # id -> modality
         out: list[tuple[str, list[int]]] = []
         block: tuple[str, list[int]] | None = None
         for i in map(int, ids):

@@ -9,6 +9,7 @@ WORKFLOWS = {
     "demo-data": "workflows.demo_data",
     "text-tokenizer": "workflows.text_tokenizer",
     "prepare": "workflows.prepare",
+    "serve": "workflows.serve",
 }
 
 

@@ -244,4 +244,4 @@ def test_an_incomplete_folder_or_a_missing_base_llm_is_named(tmp_path, tiny_expo
         (tmp_path / "config.json").write_text("{}")
         ExportedModel(tmp_path)
     with pytest.raises(FileNotFoundError, match="base LLM folder"):
-        ExportedModel(tiny_exported_model, base_llm=str(tmp_path / "nowhere"))
+        ExportedModel(tiny_exported_model, base_llm=str(tmp_path / "nowhere")).model()

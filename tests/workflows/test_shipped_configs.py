@@ -2,11 +2,12 @@
 import pytest
 
 from actors.prepare import PrepareConfig
+from actors.serve import ServeConfig
 from models import AudioVQConfig, DynamicVisualConfig, ImageVQConfig, VideoConfig
 from workflows.config import CONFIG_DIR, load_config
 from workflows.demo_data import DemoDataConfig
 
-CLASSES = {"demo_data.yaml": DemoDataConfig, "prepare_demo.yaml": PrepareConfig}
+CLASSES = {"demo_data.yaml": DemoDataConfig, "prepare_demo.yaml": PrepareConfig, "serve.yaml": ServeConfig}
 TOKENIZERS = {"image_vq": ImageVQConfig, "dynamic_visual": DynamicVisualConfig, "audio_vq": AudioVQConfig,
               "video": VideoConfig}
 
