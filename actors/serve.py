@@ -7,14 +7,13 @@ a generator deployment with dynamic batching (`@serve.batch`), autoscaling and a
 # no `from __future__ import annotations`: FastAPI must see real classes in the routes' annotations, whose
 # closures Serve pickles by value (string annotations would not resolve in the replica)
 import asyncio
-import hmac
 import json
 import logging
 import os
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, AsyncIterator, Iterator
 
 import ray
@@ -22,94 +21,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import StreamingResponse
 
-from actors.serve_api import (ApiError, ChatRequest, ImageRequest, Problem, chat_chunk, chat_completion, chat_parts,
-                              image_response, media_items, model_card, new_id, output_modalities, parse_body, usage)
+from actors.serve_api import (ApiError, BearerAuth, BodyLimit, ChatRequest, ImageRequest, Problem, chat_chunk,
+                              chat_completion, chat_parts, image_response, json_response, media_items, model_card,
+                              new_id, output_modalities, parse_body, usage)
+from actors.serve_config import AutoscalingConfig, ReplicaConfig, ServeConfig
 from models.configuration import config_from_dict, config_to_dict
 from models.generation import Generation, SamplingParams, finish_reason, with_seed
-from models.multimodal_generator import (EncodedPrompt, ExportedModel, InputLimits, MediaPart, OutputDecoder,
-                                         PromptEncoder, TextStream, TokenGenerator)
+from models.exported import ExportedModel
+from models.multimodal_generator import (EncodedPrompt, MediaPart, OutputDecoder, PromptEncoder, TextStream,
+                                         TokenGenerator)
 from models.preprocess import MediaError
 
 logger = logging.getLogger(__name__)
-
-
-# --- config ----------------------------------------------------------------------------------------------------
-@dataclass
-class BatchingConfig:
-    max_batch_size: int = 16           # 1: no batching
-    batch_wait_timeout_s: float = 0.01
-
-
-@dataclass
-class AutoscalingConfig:
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 16.0
-    upscale_delay_s: float = 10.0
-    downscale_delay_s: float = 120.0
-
-
-@dataclass
-class ReplicaConfig:
-    num_cpus: float = 1.0
-    threads: int = 1                   # torch threads per replica
-    max_ongoing_requests: int = 32     # per replica; beyond it requests wait in the caller's queue
-    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
-
-
-@dataclass
-class GeneratorConfig(ReplicaConfig):
-    num_gpus: float | None = None      # None: one GPU per replica where the cluster has GPUs, else none
-    max_ongoing_requests: int = 64     # at least max_batch_size, or batches never fill
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
-    use_cache: bool = True             # the KV cache; off recomputes the whole sequence every step
-    dtype: str | None = None           # torch dtype of the LM (e.g. bfloat16 on GPU); None: as saved
-
-
-@dataclass
-class IngressConfig(ReplicaConfig):
-    num_cpus: float = 0.5
-    max_ongoing_requests: int = 256
-    max_queued_requests: int = 1024    # beyond it: 429 with Retry-After
-    generator_retry_s: float = 60.0    # how long a request waits out a generator replica that died
-
-
-@dataclass
-class LimitsConfig:
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_media_parts: int = 4
-    image_max_pixels: int = 25_000_000
-    audio_max_seconds: float = 10.0    # input audio is trimmed to it; generated audio blocks stop at it
-    video_max_pixels: int = 4_000_000
-    default_max_tokens: int = 256      # when a chat request names none (media-only replies get their block's size)
-    max_images: int = 4                # the most `n` of /v1/images/generations
-
-
-@dataclass
-class ServeConfig:
-    model: str = ""                    # the exported model folder (`anytoken train`'s out)
-    base_llm: str | None = None        # the frozen base LLM's folder, if not where training left it
-    model_name: str | None = None      # the id clients send as `model`; default: the folder's name
-    host: str = "127.0.0.1"
-    port: int = 8000
-    app_name: str = "anytoken"
-    route_prefix: str = "/"
-    api_key_env: str = "ANYTOKEN_API_KEY"   # where the bearer key is read from; unset or empty: no auth
-    require_api_key: bool = False      # refuse to start without a key
-    remote_media_hosts: list[str] = field(default_factory=list)   # hosts image URLs may be fetched from; []: none
-    request_timeout_s: float = 300.0
-    access_log: bool = True            # one log line per request in every replica (costs CPU under load)
-    default_guidance_scale: float = 1.0   # images endpoint; 1: no classifier-free guidance
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    ingress: IngressConfig = field(default_factory=IngressConfig)
-    tokenizer: ReplicaConfig = field(default_factory=ReplicaConfig)
-    detokenizer: ReplicaConfig = field(default_factory=ReplicaConfig)
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-
-    def input_limits(self) -> InputLimits:
-        return InputLimits(self.limits.image_max_pixels, self.limits.audio_max_seconds, self.limits.video_max_pixels)
 
 
 def _threads(n: int) -> None:
@@ -186,6 +111,7 @@ class Generator:
         self.steps.set_max_batch_size(gen.batching.max_batch_size)
         self.steps.set_batch_wait_timeout_s(gen.batching.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
+        self.decoding, self.last_step, self.stall_s = False, time.monotonic(), gen.stall_s
         logger.info("generator on %s, batches of up to %d, KV cache %s", device, gen.batching.max_batch_size,
                     "on" if gen.use_cache else "off")
 
@@ -200,15 +126,21 @@ class Generator:
         return {"pid": os.getpid(), "batch_sizes": dict(self.batch_sizes)}
 
     def check_health(self) -> None:
-        if self.core.model is None:
-            raise RuntimeError("the model is not loaded")
+        """Unhealthy (and replaced by Serve) when a batch has made no step for `stall_s`: a wedged decode."""
+        if self.decoding and time.monotonic() - self.last_step > self.stall_s:
+            raise RuntimeError(f"no decoding step for {time.monotonic() - self.last_step:.0f} s")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def steps(self, requests: list[tuple[list[int], SamplingParams]]) -> AsyncIterator[list[Any]]:
         self.batch_sizes[len(requests)] += 1
         stepper = self.core.steps([r[0] for r in requests], [r[1] for r in requests])
-        async for step in _in_thread(stepper):   # the replica keeps taking requests (the next batch) meanwhile
-            yield [StopIteration if token is None else token for token in step]
+        self.decoding, self.last_step = True, time.monotonic()
+        try:
+            async for step in _in_thread(stepper):   # the replica keeps taking requests (the next batch) meanwhile
+                self.last_step = time.monotonic()
+                yield [StopIteration if token is None else token for token in step]
+        finally:
+            self.decoding = False
 
     async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[int]:
         params = with_seed(params)
@@ -246,66 +178,6 @@ async def _in_thread(iterator: Iterator[Any]) -> AsyncIterator[Any]:
         yield item
 
 
-# --- HTTP --------------------------------------------------------------------------------------------------------
-def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-class BodyLimit:
-    """ASGI middleware: refuse a body over `limit` bytes with 413, by its Content-Length or, for chunked bodies,
-    by the bytes read so far (Serve itself sets no limit)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        too_large = ApiError(413, f"the request body exceeds the limit of {self.limit} bytes (limits.max_body_bytes)",
-                             code="payload_too_large")
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _json(413, too_large.body())(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await _json(413, too_large.body())(scope, receive, send)
-            if not message.get("more_body"):
-                break
-        body: bytes | None = b"".join(chunks)
-
-        async def replay():   # the body once, then the real channel (a streaming response awaits the disconnect)
-            nonlocal body
-            if body is None:
-                return await receive()
-            out, body = body, None
-            return {"type": "http.request", "body": out, "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-
-class BearerAuth:
-    """ASGI middleware: every path but /healthz needs `Authorization: Bearer KEY`."""
-
-    def __init__(self, app, key: str, open_paths: tuple[str, ...] = ("/healthz",)):
-        self.app, self.key, self.open_paths = app, key.encode(), open_paths
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and not scope["path"].endswith(self.open_paths):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                error = ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
-                                 type="authentication_error", code="invalid_api_key")
-                return await _json(401, error.body(), {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
 @serve.deployment(health_check_period_s=10)
 @serve.ingress()
 class Ingress:
@@ -340,23 +212,23 @@ class Ingress:
 
         @api.exception_handler(ApiError)
         async def api_error(_: Request, err: ApiError):
-            return _json(err.status, err.body())
+            return json_response(err.status, err.body())
 
         @api.exception_handler(HTTPException)
         async def http_error(_: Request, err: HTTPException):
-            return _json(err.status_code, ApiError(err.status_code, str(err.detail), code="not_found"
+            return json_response(err.status_code, ApiError(err.status_code, str(err.detail), code="not_found"
                                                    if err.status_code == 404 else None).body())
 
         @api.exception_handler(RequestValidationError)
         async def validation_error(_: Request, err: RequestValidationError):
             first = err.errors()[0]
             param = ".".join(str(p) for p in first.get("loc", ()))
-            return _json(400, ApiError(400, f"{param}: {first.get('msg')}", param, "invalid_value").body())
+            return json_response(400, ApiError(400, f"{param}: {first.get('msg')}", param, "invalid_value").body())
 
         @api.exception_handler(Exception)
         async def internal_error(_: Request, err: Exception):
             logger.exception("request failed")
-            return _json(500, ApiError(500, f"internal error: {type(err).__name__}", type="server_error").body())
+            return json_response(500, ApiError(500, f"internal error: {type(err).__name__}", type="server_error").body())
 
         @api.get("/healthz")
         async def healthz():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import time
 import uuid
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import JSONResponse
 
 from models.generation import OUTPUT_MODALITIES, Generation
 from models.multimodal_generator import DecodedOutput, EncodedPrompt, MediaPart
@@ -301,3 +303,63 @@ def model_card(name: str, info: dict[str, Any]) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": info.get("created", 0), "owned_by": "anytoken",
             "modalities": {"input": info["input_modalities"], "output": info["output_modalities"]},
             "context_length": info["context_length"]}
+
+
+# --- ASGI guards ----------------------------------------------------------------------------------------------
+def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a body over `limit` bytes with 413, by its Content-Length or, for chunked bodies,
+    by the bytes read so far (Serve itself sets no limit)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        too_large = ApiError(413, f"the request body exceeds the limit of {self.limit} bytes (limits.max_body_bytes)",
+                             code="payload_too_large")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await json_response(413, too_large.body())(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await json_response(413, too_large.body())(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body: bytes | None = b"".join(chunks)
+
+        async def replay():   # the body once, then the real channel (a streaming response awaits the disconnect)
+            nonlocal body
+            if body is None:
+                return await receive()
+            out, body = body, None
+            return {"type": "http.request", "body": out, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+class BearerAuth:
+    """ASGI middleware: every path but /healthz needs `Authorization: Bearer KEY`."""
+
+    def __init__(self, app, key: str, open_paths: tuple[str, ...] = ("/healthz",)):
+        self.app, self.key, self.open_paths = app, key.encode(), open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not scope["path"].endswith(self.open_paths):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                error = ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
+                                 type="authentication_error", code="invalid_api_key")
+                return await json_response(401, error.body(), {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        return await self.app(scope, receive, send)

@@ -34,7 +34,7 @@ from ray import serve
 
 from actors.serve import build_app
 from models import AudioVQConfig, AudioVQTokenizer, ImageVQConfig, ImageVQTokenizer
-from models.multimodal_generator import random_exported_model
+from models.exported import random_exported_model
 from models.text_tokenizer import byte_level_tokenizer
 
 VARIANTS = {   # name -> (max_batch_size, use_cache)
@@ -80,7 +80,8 @@ async def load(url: str, total: int, concurrency: int, max_tokens: int) -> dict[
 def decode_only(model: str, requests: int, max_tokens: int, threads: int) -> dict:
     """The generator alone, in this process, no HTTP: requests/s decoding one at a time and all in one batch."""
     from models.generation import SamplingParams
-    from models.multimodal_generator import ExportedModel, PromptEncoder, TokenGenerator
+    from models.exported import ExportedModel
+    from models.multimodal_generator import PromptEncoder, TokenGenerator
 
     torch.set_num_threads(threads)
     exported = ExportedModel(model)

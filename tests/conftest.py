@@ -177,7 +177,7 @@ def tiny_exported_model(tmp_path_factory) -> str:
     video tokenizer of 3 frames sharing the image tokenizer's weights."""
     from models import AudioVQConfig, AudioVQTokenizer, ImageVQConfig, ImageVQTokenizer, QuantizerConfig
     from models import VideoConfig, VideoTokenizer
-    from models.multimodal_generator import random_exported_model
+    from models.exported import random_exported_model
     from models.text_tokenizer import byte_level_tokenizer
 
     torch.manual_seed(0)

@@ -9,8 +9,9 @@ import logging
 import sys
 import time
 
-from actors.serve import ServeConfig, app_from_config
-from models.multimodal_generator import ExportedModel
+from actors.serve import app_from_config
+from actors.serve_config import ServeConfig
+from models.exported import ExportedModel
 from workflows.config import parse_args
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,9 @@ from PIL import Image
 
 from models.generation import SamplingParams, generate, sample_token
 from models.media import encode_png, encode_wav, read_mp4
-from models.multimodal_generator import (ExportedModel, InputLimits, MediaPart, MultimodalGenerator, OutputDecoder,
-                                         PromptEncoder, TextStream, TokenGenerator)
+from models.exported import ExportedModel
+from models.multimodal_generator import (InputLimits, MediaPart, MultimodalGenerator, OutputDecoder, PromptEncoder,
+                                         TextStream, TokenGenerator)
 from models.preprocess import MediaError
 
 LIMITS = InputLimits(audio_max_seconds=1.0)

@@ -2,7 +2,7 @@
 import pytest
 
 from actors.prepare import PrepareConfig
-from actors.serve import ServeConfig
+from actors.serve_config import ServeConfig
 from models import AudioVQConfig, DynamicVisualConfig, ImageVQConfig, VideoConfig
 from workflows.config import CONFIG_DIR, load_config
 from workflows.demo_data import DemoDataConfig
