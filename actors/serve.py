@@ -108,10 +108,11 @@ class Generator:
         dtype = getattr(torch, gen.dtype) if gen.dtype else None
         self.core = TokenGenerator(ExportedModel(cfg.model, cfg.base_llm), cfg.input_limits(), device, gen.use_cache,
                                    dtype)
-        self.steps.set_max_batch_size(gen.batching.max_batch_size)
-        self.steps.set_batch_wait_timeout_s(gen.batching.batch_wait_timeout_s)
+        for batched in (self.whole, self.steps):
+            batched.set_max_batch_size(gen.batching.max_batch_size)
+            batched.set_batch_wait_timeout_s(gen.batching.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
-        self.decoding, self.last_step, self.stall_s = False, time.monotonic(), gen.stall_s
+        self.decoding, self.last_step, self.stall_s = 0, time.monotonic(), gen.stall_s
         logger.info("generator on %s, batches of up to %d, KV cache %s", device, gen.batching.max_batch_size,
                     "on" if gen.use_cache else "off")
 
@@ -130,17 +131,38 @@ class Generator:
         if self.decoding and time.monotonic() - self.last_step > self.stall_s:
             raise RuntimeError(f"no decoding step for {time.monotonic() - self.last_step:.0f} s")
 
+    def _decode(self, requests: list[tuple[list[int], SamplingParams]]) -> Iterator[list[int | None]]:
+        """The batch's steps, noting each for the health check."""
+        self.batch_sizes[len(requests)] += 1
+        self.decoding += 1
+        self.last_step = time.monotonic()
+        try:
+            for step in self.core.steps([r[0] for r in requests], [r[1] for r in requests]):
+                self.last_step = time.monotonic()
+                yield step
+                time.sleep(0)   # hand the GIL to the event loop between steps, so arriving requests queue up
+        finally:
+            self.decoding -= 1
+
+    def _decode_to_end(self, requests: list[tuple[list[int], SamplingParams]]) -> list[Generation]:
+        produced: list[list[int]] = [[] for _ in requests]
+        for step in self._decode(requests):
+            for ids, token in zip(produced, step):
+                if token is not None:
+                    ids.append(token)
+        return [Generation(ids, finish_reason(ids, self.core.eos_id), params.seed, len(prompt))
+                for ids, (prompt, params) in zip(produced, requests)]
+
+    # Two batch queues: whole replies come back once (no per-token traffic in the replica's event loop, which
+    # shares the GIL with the decoding thread); streams get every token as it comes.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def whole(self, requests: list[tuple[list[int], SamplingParams]]) -> list[Generation]:
+        return await asyncio.to_thread(self._decode_to_end, requests)
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def steps(self, requests: list[tuple[list[int], SamplingParams]]) -> AsyncIterator[list[Any]]:
-        self.batch_sizes[len(requests)] += 1
-        stepper = self.core.steps([r[0] for r in requests], [r[1] for r in requests])
-        self.decoding, self.last_step = True, time.monotonic()
-        try:
-            async for step in _in_thread(stepper):   # the replica keeps taking requests (the next batch) meanwhile
-                self.last_step = time.monotonic()
-                yield [StopIteration if token is None else token for token in step]
-        finally:
-            self.decoding = False
+        async for step in _in_thread(self._decode(requests)):   # the replica takes new requests meanwhile
+            yield [StopIteration if token is None else token for token in step]
 
     async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[int]:
         params = with_seed(params)
@@ -150,8 +172,8 @@ class Generator:
 
     async def generate(self, prompt: list[int], params: SamplingParams) -> Generation:
         params = with_seed(params)
-        ids = [token async for token in self.stream(prompt, params)]
-        return Generation(ids, finish_reason(ids, self.core.eos_id), params.seed, len(prompt))
+        self.core.check(prompt, params)
+        return await self.whole((prompt, params))
 
 
 async def _in_thread(iterator: Iterator[Any]) -> AsyncIterator[Any]:

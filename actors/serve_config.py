@@ -9,7 +9,7 @@ from models.multimodal_generator import InputLimits
 @dataclass
 class BatchingConfig:
     max_batch_size: int = 16           # 1: no batching
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = 0.03   # longer: fuller batches under load, more latency when idle
 
 
 @dataclass

@@ -105,7 +105,7 @@ def deploy(name: str, model: str, max_batch_size: int, use_cache: bool, threads:
               "ingress": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
               "tokenizer": {"num_cpus": 0.5}, "detokenizer": {"num_cpus": 0.5},
               "generator": {"num_cpus": 1, "threads": threads, "use_cache": use_cache, "max_ongoing_requests": 64,
-                            "batching": {"max_batch_size": max_batch_size, "batch_wait_timeout_s": 0.01}}}
+                            "batching": {"max_batch_size": max_batch_size}}}   # the default wait (0.03 s)
     serve.run(build_app(config), name=name, route_prefix=f"/{name}", blocking=False,
               logging_config={"enable_access_log": False, "log_level": "WARNING"})
 

@@ -357,15 +357,18 @@ REQUEST_MIX = [
 
 
 def run_load(server: httpx.Client, total: int, concurrency: int, during=None) -> list[tuple[int, float]]:
-    """(status, time it came back) of each request; `during` runs in this thread while they are in flight."""
+    """(status, time it came back) of each request; `during(replies so far)` runs here while they are in flight."""
+    replies: list[tuple[int, float]] = []
+
     def one(i: int) -> tuple[int, float]:
         reply = server.post("/v1/chat/completions", json={**REQUEST_MIX[i % len(REQUEST_MIX)], "seed": i})
-        return reply.status_code, time.monotonic()
+        replies.append((reply.status_code, time.monotonic()))
+        return replies[-1]
 
     with ThreadPoolExecutor(concurrency) as pool:
         futures = [pool.submit(one, i) for i in range(total)]
         if during is not None:
-            during()
+            during(replies)
         return [f.result() for f in futures]
 
 
@@ -391,14 +394,15 @@ def test_a_killed_generator_replica_is_replaced_and_no_request_is_lost(server):
     old_pid = generator_handle().pid.remote().result()
     killed_at = []
 
-    def kill_once_busy():
-        time.sleep(2.0)
+    def kill_once_busy(replies):
+        while len(replies) < 16:   # the server is warm and every client has a request in flight
+            time.sleep(0.01)
         os.kill(old_pid, signal.SIGKILL)
         killed_at.append(time.monotonic())
 
-    replies = run_load(server, total=64, concurrency=16, during=kill_once_busy)
-    assert count(replies) == {200: 64}
-    assert sum(done > killed_at[0] for _, done in replies) >= 16, "the kill came after the load, not during it"
+    replies = run_load(server, total=96, concurrency=16, during=kill_once_busy)
+    assert count(replies) == {200: 96}
+    assert sum(done > killed_at[0] for _, done in replies) >= 32, "the kill came after the load, not during it"
     new_pid = generator_handle().pid.remote().result()
     assert new_pid != old_pid
     assert chat(server, messages=user(text("back?")), max_tokens=3)["usage"]["completion_tokens"] <= 3
