@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test test-quick install system-deps clean
+.PHONY: demo test test-quick install system-deps clean serve
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ demo: install $(DEMO)/data/manifest.parquet
 	$(BIN)/anytoken prepare --config workflows/configs/prepare_demo.yaml
 	@echo "demo outputs: $(DEMO)/data (dataset), $(DEMO)/bench (tokenizers, reconstructions)," \
 	      "$(DEMO)/prepared (training shards, errors/, stats.json)"
+
+serve: install    # the demo's exported model on http://127.0.0.1:8000 (anytoken serve --help for the keys)
+	$(BIN)/anytoken serve --model $(DEMO)/model
 
 test: install
 	$(BIN)/python -m pytest

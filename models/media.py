@@ -31,9 +31,16 @@ def read_image(source: str | Path | bytes) -> torch.Tensor:
         return image_to_tensor(image)
 
 
+def encode_png(image: torch.Tensor) -> bytes:
+    """(3, H, W) float in [0, 1] -> PNG file bytes."""
+    buffer = io.BytesIO()
+    tensor_to_image(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def write_png(image: torch.Tensor, path: str | Path) -> Path:
     path = Path(path)
-    tensor_to_image(image).save(path, format="PNG")
+    path.write_bytes(encode_png(image))
     return path
 
 
@@ -56,13 +63,19 @@ def read_wav(source: str | Path | bytes) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(np.ascontiguousarray(data.T)), int(sample_rate)
 
 
-def write_wav(waveform: torch.Tensor, path: str | Path, sample_rate: int) -> Path:
-    """(samples,) or (channels, samples) float in [-1, 1] -> 16-bit PCM WAV."""
+def encode_wav(waveform: torch.Tensor, sample_rate: int) -> bytes:
+    """(samples,) or (channels, samples) float in [-1, 1] -> 16-bit PCM WAV file bytes."""
     if waveform.ndim not in (1, 2):
         raise ValueError(f"expected a waveform of shape (samples,) or (channels, samples), got {tuple(waveform.shape)}")
     data = waveform.detach().float().clamp(-1, 1).cpu().numpy()
+    buffer = io.BytesIO()
+    soundfile.write(buffer, data.T if data.ndim == 2 else data, sample_rate, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()
+
+
+def write_wav(waveform: torch.Tensor, path: str | Path, sample_rate: int) -> Path:
     path = Path(path)
-    soundfile.write(str(path), data.T if data.ndim == 2 else data, sample_rate, subtype="PCM_16", format="WAV")
+    path.write_bytes(encode_wav(waveform, sample_rate))
     return path
 
 
@@ -104,15 +117,22 @@ def rgb_to_yuv420(rgb: np.ndarray) -> np.ndarray:
 
 def write_mp4(frames: torch.Tensor, path: str | Path, fps: int) -> Path:
     """(F, 3, H, W) float in [0, 1] -> H.264 MP4 (high quality, single-threaded so the bytes are reproducible)."""
+    path = Path(path)
+    path.write_bytes(encode_mp4(frames, fps))
+    return path
+
+
+def encode_mp4(frames: torch.Tensor, fps: int) -> bytes:
+    """(F, 3, H, W) float in [0, 1] -> H.264 MP4 file bytes."""
     import av
 
     if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] == 0:
         raise ValueError(f"expected frames of shape (F, 3, H, W) with F >= 1, got {tuple(frames.shape)}")
     if frames.shape[2] % 2 or frames.shape[3] % 2:
         raise ValueError(f"H.264 needs even frame sizes, got {frames.shape[2]}x{frames.shape[3]}")
-    path = Path(path)
     pixels = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    with av.open(str(path), mode="w", format="mp4") as container:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height = pixels.shape[2], pixels.shape[1]
         stream.pix_fmt = "yuv420p"   # what browsers and players accept
@@ -122,4 +142,4 @@ def write_mp4(frames: torch.Tensor, path: str | Path, fps: int) -> Path:
         for array in pixels:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb_to_yuv420(array), format="yuv420p")))
         container.mux(stream.encode())
-    return path
+    return buffer.getvalue()

@@ -194,9 +194,22 @@ class MultimodalLM(Pretrained):
         out = self.llm(inputs_embeds=embeds, attention_mask=block_causal_mask(doc_ids), position_ids=position_ids,
                        output_hidden_states=True, use_cache=False)
         hidden = out.hidden_states[-1]
-        logits = torch.cat([out.logits[..., : self.vocab.text_size]] +
-                           [self.heads[n](hidden).to(out.logits.dtype) for n in self.table_names], dim=-1)
-        return hidden, logits
+        return hidden, self.joint_logits(hidden, out.logits)
+
+    def joint_logits(self, hidden: torch.Tensor, text_logits: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) last hidden states and the LLM's (B, T, V_llm) logits -> (B, T, V) over the joint vocabulary."""
+        return torch.cat([text_logits[..., : self.vocab.text_size]] +
+                         [self.heads[n](hidden).to(text_logits.dtype) for n in self.table_names], dim=-1)
+
+    def next_token_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                          past_key_values: Any = None, use_cache: bool = True) -> tuple[torch.Tensor, Any]:
+        """Generation's step: (B, T) new ids, (B, T_past + T) padding mask, (B, T) positions -> (B, V) logits of
+        the token after each row's last one, and the KV cache to pass back (None without use_cache)."""
+        out = self.llm(inputs_embeds=self.embed(ids), attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=True,
+                       logits_to_keep=1)
+        logits = self.joint_logits(out.hidden_states[-1][:, -1:], out.logits[:, -1:])[:, 0]
+        return logits, (out.past_key_values if use_cache else None)
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         ids, docs = batch["input_ids"].long(), batch["doc_ids"].long()

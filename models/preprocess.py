@@ -20,6 +20,9 @@ class MediaError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):   # pickles whole (the default would call MediaError(message) and fail)
+        return MediaError, (self.reason, str(self))
+
 
 @dataclass
 class ImagePreprocessConfig:

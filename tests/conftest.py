@@ -167,3 +167,24 @@ def tiny_llm_path(tmp_path_factory, text_tokenizer_path) -> str:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+# --- serving: a tiny exported model folder (models/multimodal_generator.py reads this layout) -----------------
+@pytest.fixture(scope="session")
+def tiny_exported_model(tmp_path_factory) -> str:
+    """An untrained TEAL model in exactly the layout `anytoken train` exports: a random tiny Llama over a byte-level
+    text tokenizer (with bos/eos/pad), ImageVQ of 16 codes per 32px image, AudioVQ of 12.5 codes per second, and a
+    video tokenizer of 3 frames sharing the image tokenizer's weights."""
+    from models import AudioVQConfig, AudioVQTokenizer, ImageVQConfig, ImageVQTokenizer, QuantizerConfig
+    from models import VideoConfig, VideoTokenizer
+    from models.exported import random_exported_model
+    from models.text_tokenizer import byte_level_tokenizer
+
+    torch.manual_seed(0)
+    image = ImageVQTokenizer(ImageVQConfig(image_size=32, channels=8, channel_mult=[1, 2, 2], res_blocks=1,
+                                           quantizer=QuantizerConfig(codebook_size=32, code_dim=8)))
+    audio = AudioVQTokenizer(AudioVQConfig(channels=8, n_mels=16, channel_mult=[1, 2, 2], griffin_lim_iters=4,
+                                           quantizer=QuantizerConfig(codebook_size=32, code_dim=8)))
+    video = VideoTokenizer(VideoConfig(fps=4.0, max_frames=3), image_tokenizer=image)
+    out = tmp_path_factory.mktemp("exported") / "tiny-teal"
+    return str(random_exported_model(out, {"image": image, "audio": audio, "video": video}, byte_level_tokenizer()))

@@ -14,6 +14,7 @@ WORKFLOWS = {
     "train-clip": "workflows.train_clip",
     "train-llm": "workflows.train_llm",
     "train": "workflows.train",
+    "serve": "workflows.serve",
 }
 
 

@@ -2,6 +2,7 @@
 import pytest
 
 from actors.prepare import PrepareConfig
+from actors.serve_config import ServeConfig
 from actors.train_jobs import ModelTrainConfig, TealConfig
 from models import AudioVQConfig, DynamicVisualConfig, ImageVQConfig, VideoConfig
 from models.configuration import config_from_dict
@@ -9,7 +10,7 @@ from models.pretrained import _REGISTRY, _register_all
 from workflows.config import CONFIG_DIR, load_config, read_yaml
 from workflows.demo_data import DemoDataConfig
 
-CLASSES = {"demo_data.yaml": DemoDataConfig, "prepare_demo.yaml": PrepareConfig}
+CLASSES = {"demo_data.yaml": DemoDataConfig, "prepare_demo.yaml": PrepareConfig, "serve.yaml": ServeConfig}
 TOKENIZERS = {"image_vq": ImageVQConfig, "dynamic_visual": DynamicVisualConfig, "audio_vq": AudioVQConfig,
               "video": VideoConfig}
 
