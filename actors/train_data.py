@@ -38,7 +38,7 @@ class DataConfig:
     split: str = "train"
     val_split: str | None = "val"   # held-out loss at every checkpoint; None: none
     text_tokenizer: str | None = None   # pairs, text: how texts become ids
-    max_text_tokens: int = 16
+    max_text_tokens: int = 16       # pairs: a caption's ids at most; text: the packed rows' length
     limits: MediaLimits = field(default_factory=MediaLimits)
     seed: int = 0
 
@@ -164,7 +164,7 @@ class PairCollate:
 
 
 class TextCollate:
-    """Texts -> {"input_ids", "attention_mask"} with the tokenizer's <s> and </s>, for a base LLM."""
+    """A batch of texts -> rows of max_text_tokens ids packed with <s> text </s>, for a base LLM."""
 
     def __init__(self, text_tokenizer: str, max_tokens: int):
         from transformers import AutoTokenizer
@@ -173,9 +173,9 @@ class TextCollate:
         self.max_tokens = max_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        from models.text_lm import text_batch
+        from models.text_lm import packed_text_batch
 
-        return text_batch(self.tokenizer, [str(t) for t in batch["text"]], self.max_tokens)
+        return packed_text_batch(self.tokenizer, [str(t) for t in batch["text"]], self.max_tokens)
 
 
 def make_collate(cfg: DataConfig):

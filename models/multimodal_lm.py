@@ -220,15 +220,21 @@ class MultimodalLM(Pretrained):
         picked, wanted = logits[:, :-1][valid].float(), targets[valid]                 # (N, V), (N,)
         if picked.shape[0] == 0:
             raise ValueError("a batch without any target token: check loss_mask and doc_ids")
-        group = self.vocab.group_of(wanted)
+        group = self.vocab.block_state(ids)[:, :-1][valid]          # where the sequence stands before each target
         if self.config.loss == "grammar":
-            normaliser = torch.stack([picked[:, g.start:g.stop].logsumexp(-1) for g in self.vocab.groups()], -1)
-            per_token = normaliser.gather(1, group[:, None])[:, 0] - picked.gather(1, wanted[:, None])[:, 0]
-            in_group = torch.full_like(picked, float("-inf"))
-            for i, g in enumerate(self.vocab.groups()):
-                rows = group == i
-                in_group[rows, g.start:g.stop] = picked[rows, g.start:g.stop]
-            predicted = in_group.argmax(-1)
+            # a softmax over what the grammar allows there: text and specials outside blocks, a block's codes and
+            # its end inside it; the new media heads never compete with the frozen text head
+            allowed = torch.full_like(picked, float("-inf"))
+            for i, columns in enumerate(self.vocab.grammar_groups()):
+                rows = (group == i).nonzero()[:, 0]
+                if len(rows):
+                    columns = columns.to(picked.device)
+                    allowed[rows[:, None], columns[None]] = picked[rows[:, None], columns[None]]
+            per_token = F.cross_entropy(allowed, wanted, reduction="none")
+            if not torch.isfinite(per_token).all():
+                raise ValueError("a target the modality grammar does not allow where it stands (a media block "
+                                 "that is not closed, or text inside a block): check how the data was made")
+            predicted = allowed.argmax(-1)
         else:
             per_token = F.cross_entropy(picked, wanted, reduction="none")
             predicted = picked.argmax(-1)

@@ -76,17 +76,20 @@ class TextLM(Pretrained):
         self.tokenizer.save_pretrained(path / HF_DIR)
 
 
-def text_batch(tokenizer: Any, texts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
-    """Texts -> {"input_ids", "attention_mask"} (B, T): <s> text </s> where the tokenizer has them, padded."""
+def packed_text_batch(tokenizer: Any, texts: list[str], context: int) -> dict[str, torch.Tensor]:
+    """Texts -> {"input_ids", "attention_mask"} (B, context): <s> text </s> <s> text </s> ... packed into rows of
+    `context` tokens (the last row padded), so that the LLM learns every position up to the context it will
+    later read media blocks and captions at, not only the length of one caption."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-    rows = []
+    stream: list[int] = []
     for text in texts:
         ids = tokenizer(str(text), add_special_tokens=False)["input_ids"]
-        ids = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
-        rows.append(ids[:max_tokens])
-    longest = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        stream += ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
+    if not stream:
+        raise ValueError("no text to pack: every text of the batch is empty")
+    rows = [stream[i:i + context] for i in range(0, len(stream), context)]
+    input_ids = torch.full((len(rows), context), pad, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)

@@ -78,17 +78,33 @@ class JointVocabulary:
             return "special"
         return next(name for name in self.codebooks if global_id in self.codebook_range(name))
 
-    def groups(self) -> list[range]:
-        """What a decoder chooses among at one position: text ids with the special tokens (outside media blocks),
-        or one codebook's ids (inside a block of that modality). The grammar of generation and the grouped
-        training loss both follow it."""
-        start = self.text_size + len(SPECIAL_TOKENS)
-        return [range(0, start)] + [range(self.offsets[n], self.offsets[n] + s) for n, s in self.codebooks.items()]
+    def grammar_modalities(self) -> list[str]:
+        """The modalities whose blocks this vocabulary can hold, in the order of grammar_groups()[1:]."""
+        return [m for m in BOUNDARIES if (FALLBACK_CODEBOOK.get(m, m) in self.codebooks or m in self.codebooks)]
 
-    def group_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """The index in groups() of every global id (same shape)."""
-        starts = torch.tensor([g.start for g in self.groups()[1:]], device=ids.device)
-        return torch.bucketize(ids, starts, right=True)
+    def grammar_groups(self) -> list[torch.Tensor]:
+        """What the next id is chosen among, by where a sequence stands (the modality grammar that generation
+        enforces and the grouped training loss follows): [0] outside blocks, text ids and special tokens; then,
+        inside a block of each of grammar_modalities(), its codes, its closing boundary (and [FRAME] for video)."""
+        outside = torch.arange(self.text_size + len(SPECIAL_TOKENS))
+        groups = [outside]
+        for modality in self.grammar_modalities():
+            r = self.codebook_range(modality)
+            extra = [self.special_id(BOUNDARIES[modality][1])]
+            if modality == "video":
+                extra.append(self.special_id(FRAME_SEPARATOR))
+            groups.append(torch.cat([torch.arange(r.start, r.stop), torch.tensor(extra)]))
+        return groups
+
+    def block_state(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) global ids -> (B, T): after each position, 0 outside blocks, or 1 + the index in
+        grammar_modalities() of the block still open there (its opening boundary counts as inside)."""
+        state = torch.zeros_like(ids)
+        for i, modality in enumerate(self.grammar_modalities(), 1):
+            start, end = (self.special_id(t) for t in BOUNDARIES[modality])
+            inside = (ids == start).long().cumsum(-1) > (ids == end).long().cumsum(-1)
+            state = torch.where(inside, torch.full_like(ids, i), state)
+        return state
 
     # --- local <-> global -------------------------------------------------------------------------
     def to_global(self, modality: str, local_ids: IdsLike) -> IdsLike:

@@ -171,3 +171,28 @@ def test_a_text_range_beyond_the_llm_is_refused(tiny_llm_path):
 def test_a_missing_base_llm_is_named(vocab, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing base LLM folder"):
         MultimodalLM(MultimodalLMConfig(base_llm=str(tmp_path / "nope"), vocabulary=vocab.to_dict()))
+
+
+def test_the_grammar_loss_normalises_over_what_the_grammar_allows_so_media_heads_cannot_crowd_out_text(
+        tiny_llm_path, vocab, text_tokenizer_path):
+    import torch.nn.functional as F
+
+    batch = batch_of_pairs(vocab, text_tokenizer_path)
+    grammar, joint = make_model(tiny_llm_path, vocab), make_model(tiny_llm_path, vocab, loss="joint")
+    with torch.no_grad():
+        before = {m: m.training_step(batch).metrics for m in (grammar, joint)}
+        for m in (grammar, joint):
+            m.heads["image"].weight.mul_(50)          # huge image logits everywhere
+        after = {m: m.training_step(batch).metrics for m in (grammar, joint)}
+    assert after[grammar]["text_loss"] == pytest.approx(before[grammar]["text_loss"], abs=1e-5)
+    assert after[joint]["text_loss"] > before[joint]["text_loss"] + 1.0
+    # and a target inside an image block is scored against the image codes and [/IMG] only
+    ids = batch["input_ids"]
+    state = vocab.block_state(ids)
+    b, t = (state[:, :-1] == 1).nonzero()[0].tolist()
+    with torch.no_grad():
+        logits = make_model(tiny_llm_path, vocab).hidden_and_logits(
+            ids[b:b + 1], batch["doc_ids"][b:b + 1], batch["position_ids"][b:b + 1])[1][0, t]
+    group = vocab.grammar_groups()[1]
+    expected = F.cross_entropy(logits[group][None], (group == ids[b, t + 1]).nonzero()[0])
+    assert torch.isfinite(expected) and expected < F.cross_entropy(logits[None], ids[b, t + 1][None])

@@ -103,3 +103,17 @@ def test_a_damaged_vocabulary_file_is_named(vocab, tmp_path):
     file.unlink()
     with pytest.raises(FileNotFoundError, match=str(file)):
         JointVocabulary.from_pretrained(tmp_path)
+
+
+def test_block_state_marks_the_inside_of_each_block_and_the_groups_follow_the_grammar(text_tokenizer_path):
+    vocab = JointVocabulary.from_text_tokenizer(text_tokenizer_path, {"image": 4, "audio": 3})
+    img, aud = vocab.wrap("image", torch.tensor([0, 1])), vocab.wrap("audio", torch.tensor([2]))
+    vid = vocab.wrap("video", torch.tensor([[3], [0]]))
+    ids = torch.tensor([[5] + img + [6] + aud + vid + [7]])
+    assert vocab.grammar_modalities() == ["image", "audio", "video"]          # video shares the image codebook
+    assert vocab.block_state(ids)[0].tolist() == [0, 1, 1, 1, 0, 0, 2, 2, 0, 3, 3, 3, 3, 0, 0]
+    outside, image, audio, video = (set(g.tolist()) for g in vocab.grammar_groups())
+    assert outside == set(range(vocab.text_size + 7))
+    assert image == set(vocab.codebook_range("image")) | {vocab.special_id("[/IMG]")}
+    assert audio == set(vocab.codebook_range("audio")) | {vocab.special_id("[/AUD]")}
+    assert video == set(vocab.codebook_range("image")) | {vocab.special_id("[/VID]"), vocab.special_id("[FRAME]")}
