@@ -29,16 +29,8 @@ system-deps:
 
 install: $(STAMP) system-deps
 
-$(DEMO)/data/manifest.parquet: $(STAMP) workflows/demo_data.py workflows/configs/demo_data.yaml | system-deps
-	$(BIN)/anytoken demo-data --out $(DEMO)/data
-
-demo: install $(DEMO)/data/manifest.parquet
-	$(BIN)/anytoken text-tokenizer --manifest $(DEMO)/data/manifest.jsonl --out $(DEMO)/text_tokenizer
-	$(BIN)/python bench/tokenizers.py --data $(DEMO)/data --out $(DEMO)/bench
-	rm -rf $(DEMO)/prepared
-	$(BIN)/anytoken prepare --config workflows/configs/prepare_demo.yaml
-	@echo "demo outputs: $(DEMO)/data (dataset), $(DEMO)/bench (tokenizers, reconstructions)," \
-	      "$(DEMO)/prepared (training shards, errors/, stats.json)"
+demo: install    # every step of the mission on a local Ray; a second run skips what is done (anytoken demo --help)
+	$(BIN)/anytoken demo --out $(DEMO)
 
 serve: install    # the demo's exported model on http://127.0.0.1:8000 (anytoken serve --help for the keys)
 	$(BIN)/anytoken serve --model $(DEMO)/model

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from models import (AudioVQConfig, AudioVQTokenizer, DynamicVisualConfig, DynamicVisualTokenizer, ImageVQConfig,
                     ImageVQTokenizer, VideoConfig, VideoTokenizer)
 from models.local_training import sample_batches, train_locally
-from models.media import image_grid, read_image, read_mp4, read_wav, write_png, write_wav
+from models.evaluation import psnr
+from models.media import read_image, read_mp4, read_wav, write_pairs, write_wav
 from workflows.config import CONFIG_DIR, load_config
 
 logger = logging.getLogger("bench.tokenizers")
@@ -66,19 +67,6 @@ def load_clips(data: Path, split: str, video: VideoTokenizer) -> list[torch.Tens
     return clips
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(10 * torch.log10(1 / F.mse_loss(a, b).clamp(min=1e-10)))
-
-
-def save_pairs(original: torch.Tensor, rebuilt: torch.Tensor, path: Path, columns: int = 8) -> None:
-    """Originals on odd rows, reconstructions beneath them, enlarged 4x for the eye."""
-    rows = []
-    for start in range(0, len(original), columns):
-        rows += [original[start:start + columns], rebuilt[start:start + columns]]
-    grid = image_grid(torch.cat(rows), columns)
-    write_png(F.interpolate(grid[None], scale_factor=4, mode="nearest")[0], path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="runs/demo/data")
@@ -107,7 +95,7 @@ def main() -> None:
     result["image_vq_codebook_usage"] = round(codes.unique().numel() / image_vq.codebook_size, 3)
     result["image_vq_tokens_per_image"] = image_vq.tokens_per_image
     image_vq.save_pretrained(out / "tokenizers" / "image")
-    save_pairs(val_images[:16], rebuilt[:16], out / "image_vq_reconstructions.png")
+    write_pairs(val_images[:16], rebuilt[:16], out / "image_vq_reconstructions.png")
 
     dynamic = DynamicVisualTokenizer(load_config(DynamicVisualConfig, configs / "dynamic_visual_demo.yaml"))
     train_locally(dynamic, sample_batches(train_images, 64, args.seed), steps["dynamic_visual"], lr=1e-3, log_every=100)
@@ -119,7 +107,7 @@ def main() -> None:
     result["dynamic_tokens_per_image_max"] = dynamic.max_tokens_per_image
     result["dynamic_psnr_db"] = round(psnr(dyn_rebuilt, val_images), 2)
     dynamic.save_pretrained(out / "tokenizers" / "image_dynamic")
-    save_pairs(val_images[:16], dyn_rebuilt[:16], out / "dynamic_reconstructions.png")
+    write_pairs(val_images[:16], dyn_rebuilt[:16], out / "dynamic_reconstructions.png")
 
     audio = AudioVQTokenizer(load_config(AudioVQConfig, configs / "audio_vq_demo.yaml"))
     train_waves, _ = load_audio(data, "train", audio.config.sample_rate)
@@ -138,7 +126,7 @@ def main() -> None:
     result["video_psnr_db"] = round(psnr(torch.cat(video_rebuilt), torch.cat(clips)), 2)
     result["video_frames_per_clip_mean"] = round(sum(len(c) for c in clips) / len(clips), 2)
     video.save_pretrained(out / "tokenizers" / "video")
-    save_pairs(clips[0], video_rebuilt[0], out / "video_reconstructions.png", columns=len(clips[0]))
+    write_pairs(clips[0], video_rebuilt[0], out / "video_reconstructions.png", columns=len(clips[0]))
 
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["steps"] = steps

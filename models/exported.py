@@ -22,7 +22,7 @@ class ExportedModel:
 
     def __init__(self, root: str | Path, base_llm: str | None = None):
         self.root = Path(root)
-        for name in (CONFIG_FILE, WEIGHTS_FILE, "vocabulary.json", "text_tokenizer"):
+        for name in (CONFIG_FILE, WEIGHTS_FILE, "vocabulary.json"):
             if not (self.root / name).exists():
                 raise FileNotFoundError(f"{self.root} is not an exported model folder: it has no {name}")
         meta = read_json(self.root / CONFIG_FILE)
@@ -66,6 +66,9 @@ class ExportedModel:
     def text_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
+        if not (self.root / "text_tokenizer").is_dir():
+            raise FileNotFoundError(f"{self.root} has no text_tokenizer/: a training stage's folder, not an exported "
+                                    "model (the model folder `anytoken train` finishes with has it)")
         tokenizer = AutoTokenizer.from_pretrained(self.root / "text_tokenizer")
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{self.root / 'text_tokenizer'} has no end-of-sequence token")

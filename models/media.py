@@ -56,6 +56,16 @@ def image_grid(images: torch.Tensor, columns: int, padding: int = 2) -> torch.Te
     return grid
 
 
+def write_pairs(original: torch.Tensor, rebuilt: torch.Tensor, path: str | Path, columns: int = 8,
+                scale: int = 4) -> Path:
+    """Originals on odd rows with what was rebuilt (or generated) beneath them, enlarged `scale` times."""
+    rows = []
+    for start in range(0, len(original), columns):
+        rows += [original[start:start + columns], rebuilt[start:start + columns]]
+    grid = image_grid(torch.cat(rows), columns)
+    return write_png(torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], path)
+
+
 def read_wav(source: str | Path | bytes) -> tuple[torch.Tensor, int]:
     """An audio file (path or bytes) -> ((channels, samples) float in [-1, 1], sample_rate)."""
     data, sample_rate = soundfile.read(io.BytesIO(source) if isinstance(source, bytes) else str(source),

@@ -15,6 +15,7 @@ WORKFLOWS = {
     "train-llm": "workflows.train_llm",
     "train": "workflows.train",
     "serve": "workflows.serve",
+    "evaluate": "workflows.evaluate",
 }
 
 

@@ -72,7 +72,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def _is_scalar(hint: Any) -> bool:
-    """str, int, float, bool or an optional one: the keys that get a --flag (the others take key=value)."""
+    """str, int, float, bool, a Literal choice or an optional one: the keys that get a --flag (the others take
+    key=value)."""
+    if typing.get_origin(hint) is typing.Literal:
+        return True
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return hint in (str, int, float, bool) or (len(args) == 1 and args[0] in (str, int, float, bool))
 
@@ -92,8 +95,13 @@ def parse_args(cls: type[T], argv: list[str] | None, description: str, prog: str
     defaults = config_to_dict(cls())
     flags = [f.name for f in dataclasses.fields(cls) if _is_scalar(hints[f.name])]
     for name in flags:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE",
-                            help=f"sets {name} (built-in default: {defaults[name]})")
+        extra: dict[str, Any] = {"metavar": "VALUE"}
+        if hints[name] is bool:                 # `--fresh` alone means true; `--fresh false` also works
+            extra = {"metavar": "BOOL", "nargs": "?", "const": "true"}
+        elif typing.get_origin(hints[name]) is typing.Literal:
+            extra = {"choices": [str(c) for c in typing.get_args(hints[name])]}
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name,
+                            help=f"sets {name} (built-in default: {defaults[name]})", **extra)
     aliases = aliases or {}
     for flag, key in aliases.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"alias_{flag}", metavar="VALUE", help=f"sets {key}")

@@ -1,4 +1,5 @@
-"""The whole mission on one machine: demo data, tokenizers, CLIP and base LLM, prepare, the TEAL stages.
+"""The whole mission on one machine: demo data, tokenizers, CLIP and base LLM, prepare, the TEAL stages,
+evaluation, and the model served over HTTP with one request of each kind.
 
     anytoken demo [--out runs/demo] [--size full|smoke] [--fresh]
 
@@ -38,6 +39,7 @@ class Step:
     outputs: list[str]                 # what it leaves (relative to the demo folder); the first one marks it done
     smoke: list[str] = field(default_factory=list)   # overrides for --size smoke
     what: str = ""
+    entry: str = "main"                # the function of the module that runs it
 
 
 def _train(config: str, *more: str) -> Callable[[Path], list[str]]:
@@ -48,6 +50,7 @@ def _with(args: Callable[[Path], list[str]], extra: Callable[[Path], list[str]])
     return lambda o: args(o) + extra(o)
 
 
+DATA = "data.path={o}/data/manifest.jsonl"   # every job that reads the demo manifest
 SMOKE_LOOP = ["loop.log_every=5", "loop.checkpoint_every=10"]
 STEPS = [
     Step("data", "demo_data", lambda o: ["--out", str(o / "data")], ["data/manifest.parquet", "data"],
@@ -57,25 +60,26 @@ STEPS = [
          lambda o: ["--manifest", str(o / "data/manifest.jsonl"), "--out", str(o / "text_tokenizer")],
          ["text_tokenizer/tokenizer.json", "text_tokenizer"], what="BPE on the demo texts"),
     Step("image tokenizer", "train_tokenizer",
-         _train("image_vq_demo.yaml", "loop.name=demo-image-vq", "--out", "{o}/tokenizers/image"),
+         _train("image_vq_demo.yaml", DATA, "loop.name=demo-image-vq", "--out", "{o}/tokenizers/image"),
          ["tokenizers/image/model.safetensors", "tokenizers/image", "ray/demo-image-vq"],
          smoke=["loop.steps=20", *SMOKE_LOOP], what="ImageVQ, Ray Train + DeepSpeed ZeRO-2"),
     Step("video tokenizer", "train_tokenizer",
          _train("video_demo.yaml", "init_from={o}/tokenizers/image", "--out", "{o}/tokenizers/video"),
          ["tokenizers/video/model.safetensors", "tokenizers/video"], what="frames through the image tokenizer"),
     Step("audio tokenizer", "train_tokenizer",
-         _train("audio_vq_demo.yaml", "loop.name=demo-audio-vq", "--out", "{o}/tokenizers/audio"),
+         _train("audio_vq_demo.yaml", DATA, "loop.name=demo-audio-vq", "--out", "{o}/tokenizers/audio"),
          ["tokenizers/audio/model.safetensors", "tokenizers/audio", "ray/demo-audio-vq"],
          smoke=["loop.steps=20", "loop.micro_batch_size=4", *SMOKE_LOOP], what="AudioVQ, 25 tokens/s"),
     Step("CLIP", "train_clip",
-         _train("clip_demo.yaml", "loop.name=demo-clip", "data.text_tokenizer={o}/text_tokenizer", "--out",
+         _train("clip_demo.yaml", DATA, "loop.name=demo-clip", "data.text_tokenizer={o}/text_tokenizer", "--out",
                 "{o}/clip"),
          ["clip/model.safetensors", "clip", "ray/demo-clip"], smoke=["loop.steps=20", *SMOKE_LOOP],
          what="labels image tokens with words for SEA"),
     Step("base LLM", "train_llm",
-         _train("llm_demo.yaml", "loop.name=demo-llm", "config.text_tokenizer={o}/text_tokenizer",
+         _train("llm_demo.yaml", DATA, "loop.name=demo-llm", "config.text_tokenizer={o}/text_tokenizer",
                 "data.text_tokenizer={o}/text_tokenizer", "--out", "{o}/llm"),
-         ["llm/model.safetensors", "llm", "ray/demo-llm"], smoke=["loop.steps=20", *SMOKE_LOOP],
+         ["llm/model.safetensors", "llm", "ray/demo-llm"],
+         smoke=["loop.steps=20", "loop.micro_batch_size=32", *SMOKE_LOOP],
          what="a tiny Llama on the demo texts, then frozen"),
     Step("prepare", "prepare",
          lambda o: ["--config", str(CONFIG_DIR / "prepare_demo.yaml"), f"source.manifest={o / 'data/manifest.jsonl'}",
@@ -89,6 +93,19 @@ STEPS = [
          smoke=[f"stages=[{{name: image, train: [special, image], mix: {{image: 1}}, steps: 10}}, "
                 f"{{name: joint, train: [all], steps: 10}}]", *SMOKE_LOOP],
          what="joint embeddings over the frozen LLM in X-LLM stages with SEA"),
+    Step("dynamic tokenizer", "train_tokenizer",
+         _train("dynamic_visual_demo.yaml", DATA, "loop.name=demo-dynamic-visual", "--out", "{o}/tokenizers_dynamic/image"),
+         ["tokenizers_dynamic/image/model.safetensors", "tokenizers_dynamic", "ray/demo-dynamic-visual"],
+         smoke=["loop.steps=20", *SMOKE_LOOP], what="LaVIT's selector + merger: fewer tokens per image"),
+    Step("evaluate", "evaluate",
+         lambda o: ["--model", str(o / "model"), "--data", str(o / "data"), "--out", str(o / "eval"),
+                    f"dynamic_tokenizer={o / 'tokenizers_dynamic/image'}"],
+         ["eval/report.json", "eval"], smoke=["max_examples=20", "samples_per_digit=1"],
+         what="held-out accuracy, judged generation, reconstructions, IMA, FFN skipping -> report.md"),
+    Step("serve", "serve",
+         lambda o: ["--model", str(o / "model"), "--data", str(o / "data"), "--out", str(o / "serve")],
+         ["serve/results.json", "serve"], entry="requests_main",
+         what="Ray Serve app; image->text, text->image, audio->text, video->text over HTTP; shut down"),
 ]
 
 
@@ -123,7 +140,7 @@ def run_demo(cfg: DemoConfig) -> list[tuple[str, str, float]]:
         logger.info("[%d/%d] %s: %s\n    anytoken %s %s", i, len(STEPS), step.name, step.what,
                     step.workflow.replace("_", "-"), " ".join(argv))
         started = time.perf_counter()
-        code = importlib.import_module(f"workflows.{step.workflow}").main(argv)
+        code = getattr(importlib.import_module(f"workflows.{step.workflow}"), step.entry)(argv)
         seconds = time.perf_counter() - started
         if code != 0:
             raise RuntimeError(f"step {step.name!r} failed (exit code {code}); fix it and run the demo again: the "
@@ -146,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", err)
         return 1
     out = Path(cfg.out)
-    print(f"\n{'step':<16} {'status':<8} {'seconds':>8}")
+    print(f"\n{'step':<18} {'status':<8} {'seconds':>8}")
     for name, status, seconds in steps:
-        print(f"{name:<16} {status:<8} {seconds:>8.0f}")
+        print(f"{name:<18} {status:<8} {seconds:>8.0f}")
     print(f"\ntotal {sum(s for _, _, s in steps):.0f} s. Results in {out}: data/, tokenizers/, clip/, llm/, "
-          f"prepared/ (shards, errors/, stats.json), model/ (the exported TEAL model)")
+          f"prepared/ (shards, errors/, stats.json), model/ (the exported TEAL model), tokenizers_dynamic/, "
+          f"eval/report.md (with its figures), serve/ (the HTTP replies and generated media)")
     return 0
 
 

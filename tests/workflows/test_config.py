@@ -60,3 +60,18 @@ def test_command_line_errors_exit_with_the_key_named(capsys):
         parse_args(Job, ["sub.nope=1"], description="d", prog="p")
     assert exit_info.value.code == 2
     assert "unknown config key 'sub.nope'" in capsys.readouterr().err
+
+
+def test_choice_and_switch_flags():
+    from dataclasses import dataclass
+    from typing import Literal
+
+    @dataclass
+    class Run:
+        size: Literal["full", "smoke"] = "full"
+        fresh: bool = False
+
+    assert parse_args(Run, ["--size", "smoke", "--fresh"], description="d", prog="p") == Run("smoke", True)
+    assert parse_args(Run, ["--fresh", "false"], description="d", prog="p") == Run("full", False)
+    with pytest.raises(SystemExit):
+        parse_args(Run, ["--size", "huge"], description="d", prog="p")

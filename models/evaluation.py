@@ -1,0 +1,144 @@
+"""Held-out evaluation of a multimodal LM: closed-set answer ranking, independent judges for generated media,
+reconstruction quality. Pure PyTorch + scikit-learn; workflows/evaluate.py runs it on the demo's test split.
+
+Understanding is measured by ranking: for each prompt (bos + media block) every candidate answer is scored by
+log p(answer + eos | prompt) under the softmax the grammar uses outside media blocks (text and specials, as the
+model was trained), and the best-scoring candidate is the prediction. Free-running greedy answers are measured
+too (`mentioned_label`), which is what a user of the server sees.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.vocabulary import JointVocabulary
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two tensors in [0, 1]."""
+    return float(10 * torch.log10(1 / F.mse_loss(a.float(), b.float()).clamp(min=1e-10)))
+
+
+@torch.no_grad()
+def answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], batch_size: int = 32,
+                    before_forward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """(N,) log p(answers[i] | prompts[i]), each answer token scored under the text-and-specials softmax.
+
+    `before_forward(ids)` runs before every forward pass (PerceptualSkipping.set_tokens, for one)."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    vocab: JointVocabulary = model.vocab
+    outside = vocab.grammar_groups()[0]
+    column = torch.full((vocab.size,), -1, dtype=torch.long)
+    column[outside] = torch.arange(len(outside))
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [list(p) + list(a) for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
+        ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)          # right padding: causal attention never reads it
+        ids = ids.to(device)
+        if before_forward is not None:
+            before_forward(ids)
+        _, logits = model.hidden_and_logits(ids)
+        logp = logits[..., outside.to(device)].float().log_softmax(-1)
+        for i, (prompt, answer) in enumerate(zip(prompts[start:start + batch_size], answers[start:start + batch_size])):
+            targets = column[torch.as_tensor(list(answer))].to(device)
+            if (targets < 0).any():
+                raise ValueError("an answer holds ids that are not text or specials")
+            positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(answer), device=device)
+            scores.append(logp[i, positions, targets].sum().item())
+    return torch.tensor(scores)
+
+
+def rank_answers(model, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]],
+                 batch_size: int = 32, before_forward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """(N, C) scores: candidates[c] is a list of phrasings (token ids) of candidate c; a candidate scores its
+    best phrasing. argmax over dim 1 is the prediction."""
+    flat_prompts, flat_answers, owner = [], [], []
+    for p in prompts:
+        for c, phrasings in enumerate(candidates):
+            for phrasing in phrasings:
+                flat_prompts.append(p)
+                flat_answers.append(phrasing)
+                owner.append(c)
+    flat = answer_logprobs(model, flat_prompts, flat_answers, batch_size, before_forward)
+    per_prompt = flat.view(len(prompts), -1)
+    owner_t = torch.tensor(owner[: per_prompt.shape[1]])
+    scores = torch.full((len(prompts), len(candidates)), float("-inf"))
+    for c in range(len(candidates)):
+        scores[:, c] = per_prompt[:, owner_t == c].max(dim=1).values
+    return scores
+
+
+def mentioned_label(text: str, names: Sequence[Sequence[str]]) -> int | None:
+    """The label whose name appears first in text as a whole word (names[label] lists its spellings), or None."""
+    best, where = None, len(text) + 1
+    for label, spellings in enumerate(names):
+        for name in spellings:
+            match = re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", text, flags=re.IGNORECASE)
+            if match and match.start() < where:
+                best, where = label, match.start()
+    return best
+
+
+def timed(fn: Callable[[], object], repeats: int = 3) -> tuple[object, float]:
+    """fn's result and its best wall time over `repeats` runs (seconds)."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - started)
+    return result, best
+
+
+# --- judges: classifiers trained on the real data, blind to the model -----------------------------------------------
+def image_features(images: torch.Tensor, side: int = 16) -> np.ndarray:
+    """(N, 3, H, W) in [0, 1] -> (N, side*side) grey levels, area-resized."""
+    grey = images.float().mean(dim=1, keepdim=True)
+    return F.interpolate(grey, size=(side, side), mode="area").flatten(1).numpy()
+
+
+def audio_features(waves: Sequence[torch.Tensor], sample_rate: int, segments: int = 4) -> np.ndarray:
+    """1-D waveforms -> log-mel means over `segments` equal stretches of the voiced part, and their spread."""
+    import torchaudio
+
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=400, hop_length=160, n_mels=40)
+    rows = []
+    for wave in waves:
+        spec = (mel(wave.float()[None])[0] + 1e-5).log()                 # (mels, frames)
+        energy = spec.mean(0)
+        voiced = (energy > energy.max() - 6).nonzero()[:, 0]           # the word, without the silence around it
+        spec = spec[:, int(voiced.min()): int(voiced.max()) + 1] if len(voiced) else spec
+        parts = [p.mean(1) for p in torch.tensor_split(spec, segments, dim=1) if p.shape[1]]
+        parts += [parts[-1]] * (segments - len(parts))
+        rows.append(torch.cat(parts + [spec.std(1)]).numpy())
+    return np.stack(rows)
+
+
+class DigitJudge:
+    """A scikit-learn classifier on fixed features: trained on real examples, asked about generated ones."""
+
+    def __init__(self, features: Callable[..., np.ndarray]):
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        from sklearn.svm import SVC
+
+        self.features = features
+        self.classifier = make_pipeline(StandardScaler(), SVC(C=10.0, gamma="scale"))
+
+    def fit(self, examples, labels: Sequence[int]) -> "DigitJudge":
+        self.classifier.fit(self.features(examples), np.asarray(labels))
+        return self
+
+    def predict(self, examples) -> np.ndarray:
+        return self.classifier.predict(self.features(examples))
+
+    def accuracy(self, examples, labels: Sequence[int]) -> float:
+        return float((self.predict(examples) == np.asarray(labels)).mean())

@@ -1,0 +1,53 @@
+import torch
+
+from models.evaluation import DigitJudge, answer_logprobs, image_features, mentioned_label, psnr, rank_answers
+from models.multimodal_lm import MultimodalLM, MultimodalLMConfig
+from models.vocabulary import JointVocabulary
+
+
+def make_model(tiny_llm_path, text_tokenizer_path) -> MultimodalLM:
+    torch.manual_seed(0)
+    vocab = JointVocabulary.from_text_tokenizer(text_tokenizer_path, {"image": 16})
+    return MultimodalLM(MultimodalLMConfig(base_llm=tiny_llm_path, vocabulary=vocab.to_dict(),
+                                           text_special_ids=[0, 1])).eval()
+
+
+def test_answer_logprobs_is_the_sum_of_next_token_logprobs_over_text(tiny_llm_path, text_tokenizer_path):
+    model = make_model(tiny_llm_path, text_tokenizer_path)
+    block = model.vocab.wrap("image", torch.tensor([3, 5, 7]))
+    prompts, answers = [[2] + block, [2, 4, 6]], [[9, 10, 1], [11, 1]]
+    batched = answer_logprobs(model, prompts, answers, batch_size=2)
+    for prompt, answer, got in zip(prompts, answers, batched):
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            _, logits = model.hidden_and_logits(ids)
+        text = model.vocab.grammar_groups()[0]
+        logp = logits[0, :, text].log_softmax(-1)       # what the model was trained with outside media blocks
+        column = {int(t): i for i, t in enumerate(text)}
+        want = sum(float(logp[len(prompt) - 1 + j, column[t]]) for j, t in enumerate(answer))
+        assert abs(float(got) - want) < 1e-4           # right padding in the batch changes nothing
+
+
+def test_rank_answers_scores_each_candidate_by_its_best_phrasing(tiny_llm_path, text_tokenizer_path):
+    model = make_model(tiny_llm_path, text_tokenizer_path)
+    prompts = [[2, 4], [2, 5, 6]]
+    candidates = [[[9, 1], [10, 1]], [[11, 1], [12, 13, 1]]]
+    scores = rank_answers(model, prompts, candidates, batch_size=3)
+    single = answer_logprobs(model, [prompts[1]] * 2, [[11, 1], [12, 13, 1]])
+    assert scores.shape == (2, 2) and abs(float(scores[1, 1]) - float(single.max())) < 1e-4
+
+
+def test_mentioned_label_takes_the_first_whole_word():
+    names = [["0", "zero"], ["1", "one"], ["7", "seven"]]
+    assert mentioned_label("the digit seven, not one", names) == 2
+    assert mentioned_label("a 1 moving left", names) == 1
+    assert mentioned_label("someone wrote 17", names) is None      # not inside words or numbers
+    assert mentioned_label("", names) is None
+
+
+def test_image_judge_knows_real_digits_and_psnr_is_in_db(digits):
+    images, labels = digits
+    judge = DigitJudge(image_features).fit(images[:1400], labels[:1400])
+    assert judge.accuracy(images[1400:], labels[1400:]) > 0.9
+    assert judge.accuracy(torch.rand(50, 3, 32, 32), [0] * 50) < 0.5
+    assert abs(psnr(torch.zeros(4), torch.full((4,), 0.1)) - 20.0) < 1e-4

@@ -1,0 +1,37 @@
+"""`anytoken demo --size smoke`: every step of the mission at its smallest, as a user runs it (its own Ray)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workflows.demo import STEPS
+
+
+@pytest.mark.slow
+def test_the_smoke_demo_leaves_every_artefact_and_a_report(tmp_path):
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "workflows.demo", "--out", str(out), "--size", "smoke"],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for step in STEPS:
+        assert (out / step.outputs[0]).exists(), f"{step.name} left no {step.outputs[0]}"
+    report = json.loads((out / "eval/report.json").read_text())
+    assert set(report["understanding"]) == {"image", "audio", "video"}
+    assert set(report["generation"]) == {"image", "audio"}
+    # the judges of generated media know real digits far above chance, so their verdicts mean something
+    assert report["judges"]["image_judge_accuracy_on_real"] > 0.5
+    assert report["judges"]["audio_judge_accuracy_on_real"] > 0.1
+    for png in ("generated_images.png", "image_reconstructions.png", "dynamic_reconstructions.png", "ima.png",
+                "loss_curves.png"):
+        assert (out / "eval" / png).stat().st_size > 0, png
+    assert "## Goals" in (out / "eval/report.md").read_text()
+    served = json.loads((out / "serve/results.json").read_text())
+    assert set(served) == {"image_to_text", "text_to_image", "audio_to_text", "video_to_text"}
+    assert [Path(f).suffix for f in served["text_to_image"]["files"]] == [".png"]
+    assert all(isinstance(served[k]["reply"], str) for k in ("image_to_text", "audio_to_text", "video_to_text"))
+    # a second run finds everything done and redoes nothing
+    again = subprocess.run([sys.executable, "-m", "workflows.demo", "--out", str(out), "--size", "smoke"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("skipped") == len(STEPS), again.stdout[-2000:]

@@ -1,0 +1,43 @@
+"""The evaluation workflow end to end on real demo data (small) and an untrained exported model."""
+import json
+from pathlib import Path
+
+import pytest
+
+from workflows import demo_data, evaluate
+
+
+@pytest.fixture(scope="module")
+def small_demo_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("evaluate") / "data"
+    assert demo_data.main(["--out", str(out), "images=200", "audio_per_digit=3", "videos=40"]) == 0
+    return out
+
+
+def test_evaluate_writes_every_section_and_figure(small_demo_data, tiny_exported_model, tmp_path):
+    out = tmp_path / "eval"
+    code = evaluate.main([f"--model={tiny_exported_model}", f"--data={small_demo_data}", f"--out={out}",
+                          "samples_per_digit=1", "max_examples=12", "skip_layers=[0, 1]"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["understanding"]) == {"image", "audio", "video"}
+    for values in report["understanding"].values():
+        assert 0 <= values["ranked_accuracy"] <= 1 and values["examples"] > 0
+        assert "free_reply_digit_accuracy" in values and values["replies"]
+    # judges see only real media and must know digits well, or their verdicts on generated media mean nothing
+    assert report["judges"]["image_judge_accuracy_on_real"] >= 0.8
+    assert set(report["generation"]) == {"image", "audio"}
+    assert report["generation"]["image"]["samples"] == 10
+    assert {"image", "audio", "video"} <= set(report["reconstruction"])
+    final = report["ima"]["final"]
+    assert len(final["ima"]) == 3 and final["perceptual_examples"] > 0        # 2 layers + embeddings
+    assert [r["start_layer"] for r in report["skipping"]["runs"]] == [None, 0, 1]
+    for png in ("generated_images.png", "image_reconstructions.png", "video_reconstructions.png", "ima.png"):
+        assert (out / png).stat().st_size > 0, png
+    text = (out / "report.md").read_text()
+    assert "## Goals" in text and "missed by" in text      # an untrained model misses every goal, and says so
+
+
+def test_evaluate_names_a_missing_model(small_demo_data, tmp_path):
+    assert evaluate.main([f"--model={tmp_path / 'nothing'}", f"--data={small_demo_data}",
+                          f"--out={tmp_path / 'eval'}"]) == 1

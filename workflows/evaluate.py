@@ -1,0 +1,504 @@
+"""Evaluate an exported model on the demo's held-out split and write report.md, report.json and the figures.
+
+    anytoken evaluate [--model runs/demo/model] [--data runs/demo/data] [--out runs/demo/eval] [key=value ...]
+
+Understanding: which digit an image shows, which digit word is spoken, which digit moves which way in a clip
+(ranked among every candidate answer, and as the greedy free-running reply). Generation: images (and audio) made
+from "a handwritten 7"-style prompts, judged by classifiers trained on the real training-split media alone.
+Tokenizers: reconstruction quality; the dynamic tokenizer's tokens per image. IMA: the alignment curve per layer,
+the score against accuracy across the training stages, accuracy and latency when perceptual tokens skip the FFN
+from layer k on. Runs in this process (no Ray): the held-out split of the demo is small.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.evaluation import (DigitJudge, audio_features, image_features, mentioned_label, psnr, rank_answers,
+                               timed)
+from models.exported import ExportedModel
+from models.generation import SamplingParams
+from models.ima import PerceptualSkipping, SkipConfig, decoder_layers, measure_alignment
+from models.media import image_grid, read_image, read_mp4, read_wav, write_pairs, write_png
+from models.multimodal_generator import MediaPart, OutputDecoder, PromptEncoder, TokenGenerator
+from models.pretrained import load_pretrained, write_json
+from workflows.config import parse_args
+from workflows.demo_data import DIRECTIONS, IMAGE_CAPTIONS, VIDEO_CAPTIONS, WORDS
+
+logger = logging.getLogger(__name__)
+
+CHANCE = {"image": 1 / 10, "audio": 1 / 10, "video": 1 / 40}
+GOALS = {"understanding": 0.9, "generation": 0.8, "spoken_digit": 0.9}
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = "runs/demo/model"
+    data: str = "runs/demo/data"            # the folder with manifest.jsonl
+    out: str = "runs/demo/eval"
+    split: str = "test"
+    max_examples: int = 200                 # per modality, the first ones of the split
+    samples_per_digit: int = 4              # generated images (and audio) per digit prompt
+    temperature: float = 1.0
+    top_k: int = 0
+    guidance_scale: float = 1.0
+    skip_layers: list[int] = field(default_factory=list)   # FFN skipping from these layers; empty: every layer
+    dynamic_tokenizer: str | None = None    # a dynamic (LaVIT) tokenizer folder to compare with the grid one
+    curves: list[str] = field(default_factory=list)        # metrics.jsonl files; empty: those beside the model
+    batch_size: int = 32
+    seed: int = 0
+
+
+# --- the data ------------------------------------------------------------------------------------------------------
+def manifest(data: Path) -> list[dict[str, Any]]:
+    path = data / "manifest.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: build the data with `anytoken demo-data --out {data}`")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def rows_of(rows: list[dict], modality: str, split: str, limit: int | None = None) -> list[dict]:
+    picked = [r for r in rows if r["modality"] == modality and r["split"] == split]
+    return picked[:limit] if limit else picked
+
+
+def direction_of(text: str) -> int:
+    for i, name in enumerate(DIRECTIONS):
+        if re.search(rf"\b{name}\b", text):
+            return i
+    raise ValueError(f"no direction in the caption {text!r}")
+
+
+# --- the sections of the report ----------------------------------------------------------------------------------
+class Evaluation:
+    def __init__(self, cfg: EvaluateConfig):
+        self.cfg = cfg
+        self.data, self.out = Path(cfg.data), Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.exported = ExportedModel(cfg.model)
+        self.model = self.exported.model()
+        self.text = self.exported.text_tokenizer()
+        self.encoder = PromptEncoder(self.exported)
+        self.generator = TokenGenerator(self.exported)
+        self.decoder = OutputDecoder(self.exported)
+        self.tokenizers = self.exported.media_tokenizers()
+        self.rows = manifest(self.data)
+        self.report: dict[str, Any] = {"model": str(Path(cfg.model).resolve()), "split": cfg.split}
+        self.judges: dict[str, DigitJudge] = {}
+
+    def answer(self, text: str) -> list[int]:
+        return self.text(text, add_special_tokens=False)["input_ids"] + [self.text.eos_token_id]
+
+    def media_prompt(self, row: dict) -> list[int]:
+        return self.encoder.encode([MediaPart(row["modality"], (self.data / row["path"]).read_bytes())]).ids
+
+    def candidates(self, modality: str) -> tuple[list[list[list[int]]], list[list[str]]]:
+        """Every candidate answer (its phrasings as ids) and, per candidate, the names a free reply may use."""
+        if modality == "image":
+            texts = [[t.format(d=d, w=WORDS[d]) for t in IMAGE_CAPTIONS] for d in range(10)]
+            names = [[str(d), WORDS[d]] for d in range(10)]
+        elif modality == "audio":
+            texts = [[WORDS[d]] for d in range(10)]
+            names = [[str(d), WORDS[d]] for d in range(10)]
+        else:
+            texts = [[t.format(d=d, w=WORDS[d], dir=name) for t in VIDEO_CAPTIONS]
+                     for d in range(10) for name in DIRECTIONS]
+            names = [[str(d), WORDS[d]] for d in range(10)]
+        return [[self.answer(t) for t in phrasings] for phrasings in texts], names
+
+    def label(self, row: dict) -> int:
+        return int(row["label"]) * len(DIRECTIONS) + direction_of(row["text"]) if row["modality"] == "video" \
+            else int(row["label"])
+
+    def understanding(self, modality: str, model=None, before_forward=None, free: bool = True) -> dict[str, Any]:
+        rows = rows_of(self.rows, modality, self.cfg.split, self.cfg.max_examples)
+        prompts = [self.media_prompt(r) for r in rows]
+        labels = torch.tensor([self.label(r) for r in rows])
+        candidates, names = self.candidates(modality)
+        scores = rank_answers(model or self.model, prompts, candidates, self.cfg.batch_size, before_forward)
+        predicted = scores.argmax(1)
+        result: dict[str, Any] = {"examples": len(rows), "chance": CHANCE[modality],
+                                  "ranked_accuracy": float((predicted == labels).float().mean())}
+        if modality == "video":
+            per = len(DIRECTIONS)
+            result["digit_accuracy"] = float((predicted // per == labels // per).float().mean())
+            result["direction_accuracy"] = float((predicted % per == labels % per).float().mean())
+        if free:
+            params = [SamplingParams(max_new_tokens=16, temperature=0.0)] * len(prompts)
+            replies = [self.decoder.decode(g.ids).text for g in self.generator.generate(prompts, params)]
+            digits = labels // len(DIRECTIONS) if modality == "video" else labels
+            said = [mentioned_label(r, names) for r in replies]
+            result["free_reply_digit_accuracy"] = float(np.mean([s == int(d) for s, d in zip(said, digits)]))
+            result["replies"] = [{"id": r["id"], "truth": r["text"], "reply": reply}
+                                 for r, reply in list(zip(rows, replies))[:10]]
+        return result
+
+    # judges: trained on the real training split, checked on the real held-out split
+    def images(self, split: str) -> tuple[torch.Tensor, list[int]]:
+        rows = rows_of(self.rows, "image", split)
+        return torch.stack([read_image(self.data / r["path"]) for r in rows]), [int(r["label"]) for r in rows]
+
+    def waves(self, split: str) -> tuple[list[torch.Tensor], list[int]]:
+        rows = rows_of(self.rows, "audio", split)
+        waves = [read_wav(self.data / r["path"]) for r in rows]
+        return [self._mono(w, rate) for w, rate in waves], [int(r["label"]) for r in rows]
+
+    def _mono(self, wave: torch.Tensor, rate: int) -> torch.Tensor:
+        import torchaudio
+
+        wave = wave.mean(0) if wave.ndim == 2 else wave
+        target = self.audio_rate
+        return torchaudio.functional.resample(wave, rate, target) if rate != target else wave
+
+    @property
+    def audio_rate(self) -> int:
+        audio = self.tokenizers.get("audio")
+        return audio.config.sample_rate if audio is not None else 16000
+
+    def train_judges(self) -> dict[str, Any]:
+        result = {}
+        images, labels = self.images("train")
+        self.judges["image"] = DigitJudge(image_features).fit(images, labels)
+        test_images, test_labels = self.images(self.cfg.split)
+        result["image_judge_accuracy_on_real"] = self.judges["image"].accuracy(test_images, test_labels)
+        if rows_of(self.rows, "audio", "train"):
+            waves, labels = self.waves("train")
+            rate = self.audio_rate
+            self.judges["audio"] = DigitJudge(lambda w: audio_features(w, rate)).fit(waves, labels)
+            test_waves, test_labels = self.waves(self.cfg.split)
+            result["audio_judge_accuracy_on_real"] = self.judges["audio"].accuracy(test_waves, test_labels)
+        return result
+
+    def generation(self, modality: str) -> dict[str, Any]:
+        cfg = self.cfg
+        shape = self.generator.grammar.shapes[modality]
+        prompts, params, labels = [], [], []
+        for d in range(10):
+            for s in range(cfg.samples_per_digit):
+                text = (IMAGE_CAPTIONS[s % len(IMAGE_CAPTIONS)].format(d=d, w=WORDS[d]) if modality == "image"
+                        else WORDS[d])
+                prompts.append(self.encoder.encode([text]).ids)
+                params.append(SamplingParams(max_new_tokens=shape.max_tokens + 3, temperature=cfg.temperature,
+                                             top_k=cfg.top_k, seed=cfg.seed + 1000 * d + s, modalities=(modality,),
+                                             guidance_scale=cfg.guidance_scale if modality == "image" else 1.0))
+                labels.append(d)
+        outputs = [self.decoder.decode(g.ids) for g in self.generator.generate(prompts, params)]
+        made = [o.media[0] for o in outputs]
+        if modality == "image":
+            samples = torch.stack([read_image(m.data) for m in made])
+            accuracy = self.judges["image"].accuracy(samples, labels)
+            grid = image_grid(samples, cfg.samples_per_digit)
+            write_png(torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0],
+                      self.out / "generated_images.png")
+            figure = "generated_images.png"
+        else:
+            waves = [self._mono(*read_wav(m.data)) for m in made]
+            accuracy = self.judges["audio"].accuracy(waves, labels)
+            figure = None
+            for d in range(10):
+                (self.out / f"generated_audio_{d}.wav").write_bytes(made[d * cfg.samples_per_digit].data)
+        return {"samples": len(made), "judged_accuracy": accuracy, "chance": 0.1, "figure": figure,
+                "mean_tokens": float(np.mean([m.tokens for m in made]))}
+
+    def reconstruction(self) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        images, _ = self.images(self.cfg.split)
+        images = images[: self.cfg.max_examples]
+        if "image" in self.tokenizers:
+            grid = self.tokenizers["image"]
+            rebuilt = grid.decode(grid.encode(images))
+            result["image"] = {"psnr_db": psnr(rebuilt, images), "tokens_per_image": grid.tokens_per_image}
+            write_pairs(images[:16], rebuilt[:16], self.out / "image_reconstructions.png")
+            if "image" in self.judges:
+                result["image"]["judge_accuracy_on_reconstructions"] = self.judges["image"].accuracy(
+                    rebuilt, [int(r["label"]) for r in rows_of(self.rows, "image", self.cfg.split)][: len(images)])
+        if self.cfg.dynamic_tokenizer:
+            dynamic = load_pretrained(self.cfg.dynamic_tokenizer).eval()
+            with torch.no_grad():
+                codes = dynamic.encode(images)
+                rebuilt = dynamic.decode(codes)
+            counts = torch.tensor([len(c) for c in codes], dtype=torch.float32)
+            result["dynamic_image"] = {"psnr_db": psnr(rebuilt, images), "tokens_per_image_mean": float(counts.mean()),
+                                       "tokens_per_image_std": float(counts.std()),
+                                       "tokens_per_image_max": dynamic.max_tokens_per_image}
+            if "image" in result:
+                result["dynamic_image"]["token_saving_vs_grid"] = 1 - float(counts.mean()) / result["image"][
+                    "tokens_per_image"]
+            write_pairs(images[:16], rebuilt[:16], self.out / "dynamic_reconstructions.png")
+        if "audio" in self.tokenizers and "audio" in self.judges:
+            audio = self.tokenizers["audio"]
+            waves, labels = self.waves(self.cfg.split)
+            waves, labels = waves[: self.cfg.max_examples], labels[: self.cfg.max_examples]
+            with torch.no_grad():
+                rebuilt = [audio.decode(audio.encode(w[None]))[0][: len(w)] for w in waves]
+                mel_l1 = float(np.mean([(audio.log_mel(r[None]) - audio.log_mel(w[None])).abs().mean().item()
+                                        for r, w in zip(rebuilt, waves)]))
+            result["audio"] = {"mel_l1": mel_l1, "judge_accuracy_on_reconstructions":
+                               self.judges["audio"].accuracy(rebuilt, labels)}
+        if "video" in self.tokenizers:
+            video = self.tokenizers["video"]
+            clips = []
+            for row in rows_of(self.rows, "video", self.cfg.split, self.cfg.max_examples):
+                frames, fps = read_mp4(self.data / row["path"])
+                clips.append(video.sample(frames, fps))
+            with torch.no_grad():
+                rebuilt = video.decode(video.encode(clips))
+            result["video"] = {"psnr_db": psnr(torch.cat(rebuilt), torch.cat(clips)),
+                               "frames_per_clip_mean": float(np.mean([len(c) for c in clips]))}
+            write_pairs(clips[0], rebuilt[0], self.out / "video_reconstructions.png", columns=len(clips[0]))
+        return result
+
+    def alignment_batches(self, limit: int = 64) -> list[dict[str, torch.Tensor]]:
+        """Image understanding documents with their true caption, padded; doc id -1 marks the padding."""
+        docs = [self.media_prompt(r) + self.answer(r["text"])
+                for r in rows_of(self.rows, "image", self.cfg.split, limit)]
+        batches = []
+        for start in range(0, len(docs), self.cfg.batch_size):
+            chunk = docs[start:start + self.cfg.batch_size]
+            ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+            doc_ids = torch.full_like(ids, -1)
+            for i, doc in enumerate(chunk):
+                ids[i, : len(doc)], doc_ids[i, : len(doc)] = torch.tensor(doc), 0
+            batches.append({"input_ids": ids, "doc_ids": doc_ids})
+        return batches
+
+    def ima(self) -> dict[str, Any]:
+        """The alignment curve of the final model; score vs image accuracy at every stage's checkpoint."""
+        batches = self.alignment_batches()
+        with torch.no_grad():
+            final = measure_alignment(self.model, batches)
+        stages = []
+        stages_dir = Path(self.cfg.model).parent / f"{Path(self.cfg.model).name}.stages"
+        training = json.loads((Path(self.cfg.model) / "training.json").read_text()) \
+            if (Path(self.cfg.model) / "training.json").is_file() else {}
+        for stage in training.get("stages", []):
+            folder = stages_dir / stage["stage"]
+            if not folder.is_dir():
+                continue
+            model = ExportedModel(folder, self.exported.base_llm).model()
+            with torch.no_grad():
+                scores = measure_alignment(model, batches)
+            accuracy = self.understanding("image", model=model, free=False)["ranked_accuracy"]
+            stages.append({"stage": stage["stage"], "ima_score": scores.ima_score, "image_accuracy": accuracy,
+                           "ima": scores.ima})
+        return {"final": final.to_dict(), "stages": stages}
+
+    def skipping(self) -> dict[str, Any]:
+        """Image understanding with perceptual tokens skipping the FFN from layer k on: accuracy and latency."""
+        _, layers = decoder_layers(self.model.llm)
+        ks = self.cfg.skip_layers or list(range(len(layers)))
+        baseline, seconds = timed(lambda: self.understanding("image", free=False))
+        rows = [{"start_layer": None, "ranked_accuracy": baseline["ranked_accuracy"], "seconds": seconds}]
+        for k in ks:
+            with PerceptualSkipping(self.model, SkipConfig(start_layer=k)) as skip:
+                result, seconds = timed(lambda: self.understanding("image", before_forward=skip.set_tokens,
+                                                                   free=False))
+            rows.append({"start_layer": k, "ranked_accuracy": result["ranked_accuracy"], "seconds": seconds,
+                         "speedup": rows[0]["seconds"] / seconds})
+        return {"layers": len(layers), "runs": rows}
+
+
+# --- figures and the report ------------------------------------------------------------------------------------------
+def metric_files(cfg: EvaluateConfig) -> list[Path]:
+    if cfg.curves:
+        return [Path(c) for c in cfg.curves]
+    root = Path(cfg.model).parent
+    skip = {"ray", "prepared", f"{Path(cfg.model).name}.stages"}
+    found = sorted(root.glob("*/metrics.jsonl")) + sorted(root.glob("*/*/metrics.jsonl"))
+    return [p for p in found if p.relative_to(root).parts[0] not in skip and p.stat().st_size > 0]
+
+
+def plot_curves(files: list[Path], path: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not files:
+        return []
+    fig, axes = plt.subplots(1, len(files), figsize=(3.2 * len(files), 2.8), squeeze=False)
+    for ax, file in zip(axes[0], files):
+        lines = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        groups: dict[str, list[dict]] = {}
+        for line in lines:
+            groups.setdefault(line.get("stage", ""), []).append(line)
+        offset = 0
+        for stage, entries in groups.items():
+            steps = [offset + e["step"] for e in entries if "loss" in e]
+            ax.plot(steps, [e["loss"] for e in entries if "loss" in e], label=stage or None)
+            offset = steps[-1] if steps else offset
+        ax.set_title("/".join(file.parent.parts[-2:]) if file.parent.parent.name.startswith("tokenizers")
+                     else file.parent.name, fontsize=9)
+        ax.set_xlabel("step")
+        if any(groups):
+            ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [str(f) for f in files]
+
+
+def plot_ima(ima: dict[str, Any], skipping: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    final = ima["final"]
+    axes[0].plot(final["ima"], marker="o", label="IMA: perceptual@0 vs text@l")
+    axes[0].plot(final["same_layer"], marker="s", label="same layer")
+    for stage in ima["stages"]:
+        axes[0].plot(stage["ima"], alpha=0.4, linestyle="--", label=f"IMA after {stage['stage']}")
+    axes[0].set_xlabel("layer (0 = embeddings)")
+    axes[0].set_ylabel("cosine")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("implicit alignment per layer")
+    if ima["stages"]:
+        xs = [s["ima_score"] for s in ima["stages"]]
+        ys = [s["image_accuracy"] for s in ima["stages"]]
+        axes[1].plot(xs, ys, marker="o")
+        for s, x, y in zip(ima["stages"], xs, ys):
+            axes[1].annotate(s["stage"], (x, y), fontsize=8)
+    axes[1].set_xlabel("IMA score")
+    axes[1].set_ylabel("image understanding accuracy")
+    axes[1].set_title("alignment vs accuracy across stages")
+    runs = skipping["runs"][1:]
+    axes[2].bar([r["start_layer"] for r in runs], [r["speedup"] for r in runs], color="tab:blue")
+    axes[2].set_xlabel("FFN skipped from layer k")
+    axes[2].set_ylabel("speedup", color="tab:blue")
+    twin = axes[2].twinx()
+    twin.plot([r["start_layer"] for r in runs], [r["ranked_accuracy"] for r in runs], color="tab:red", marker="o")
+    twin.axhline(skipping["runs"][0]["ranked_accuracy"], color="tab:red", linestyle=":")
+    twin.set_ylabel("accuracy (dotted: no skipping)", color="tab:red")
+    axes[2].set_title("perceptual FFN skipping")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def goal_line(name: str, value: float | None, goal: float) -> str:
+    if value is None:
+        return f"| {name} | n/a | {pct(goal)} | not measured |"
+    verdict = "met" if value >= goal else f"missed by {100 * (goal - value):.1f} points"
+    return f"| {name} | {pct(value)} | {pct(goal)} | {verdict} |"
+
+
+def write_report(report: dict[str, Any], out: Path) -> Path:
+    u, g, r = report["understanding"], report["generation"], report["reconstruction"]
+    lines = ["# anytoken evaluation", "", f"Model `{report['model']}`, split `{report['split']}`.", "",
+             "## Goals", "", "| goal | measured | target | |", "|---|---|---|---|"]
+    understanding = [u[m]["ranked_accuracy"] for m in ("image", "video") if m in u]
+    lines.append(goal_line("understanding (image, video: mean ranked accuracy)",
+                           float(np.mean(understanding)) if understanding else None, GOALS["understanding"]))
+    generation = [g[m]["judged_accuracy"] for m in g]
+    lines.append(goal_line("generation (judged, mean over modalities)",
+                           float(np.mean(generation)) if generation else None, GOALS["generation"]))
+    lines.append(goal_line("spoken digit (audio -> text)", u.get("audio", {}).get("ranked_accuracy"),
+                           GOALS["spoken_digit"]))
+    lines += ["", "## Understanding", "", "| modality | examples | ranked accuracy | free reply: digit right | chance |",
+              "|---|---|---|---|---|"]
+    for m, v in u.items():
+        extra = (f" (digit {pct(v['digit_accuracy'])}, direction {pct(v['direction_accuracy'])})"
+                 if m == "video" else "")
+        lines.append(f"| {m} | {v['examples']} | {pct(v['ranked_accuracy'])}{extra} | "
+                     f"{pct(v.get('free_reply_digit_accuracy'))} | {pct(v['chance'])} |")
+    lines += ["", "Some free replies:", ""]
+    for m, v in u.items():
+        for reply in v.get("replies", [])[:3]:
+            lines.append(f"- {m} `{reply['id']}` (truth: {reply['truth']!r}): {reply['reply']!r}")
+    lines += ["", "## Generation", "", "Judges are scikit-learn SVMs trained on the real training split only.", "",
+              "| modality | samples | judged accuracy | chance |", "|---|---|---|---|"]
+    for m, v in g.items():
+        lines.append(f"| {m} | {v['samples']} | {pct(v['judged_accuracy'])} | {pct(v['chance'])} |")
+    j = report["judges"]
+    lines += ["", f"Judge accuracy on real held-out media: image {pct(j.get('image_judge_accuracy_on_real'))}, "
+              f"audio {pct(j.get('audio_judge_accuracy_on_real'))}.", ""]
+    if "image" in g:
+        lines += ["Generated images, one row per digit 0-9:", "", "![generated](generated_images.png)", ""]
+    lines += ["## Tokenizers", "", "| tokenizer | measure | value |", "|---|---|---|"]
+    for name, values in r.items():
+        for key, value in values.items():
+            shown = pct(value) if "accuracy" in key or "saving" in key else (
+                f"{value:.3f}" if isinstance(value, float) else str(value))
+            lines.append(f"| {name} | {key} | {shown} |")
+    for png in ("image_reconstructions.png", "dynamic_reconstructions.png", "video_reconstructions.png"):
+        if (out / png).exists():
+            lines += ["", f"![{png}]({png})"]
+    lines += ["", "## IMA", "", f"IMA score of the final model: {report['ima']['final']['ima_score']:.3f} "
+              f"(same-layer {report['ima']['final']['same_layer_score']:.3f}).", "",
+              "| stage | IMA score | image accuracy |", "|---|---|---|"]
+    for s in report["ima"]["stages"]:
+        lines.append(f"| {s['stage']} | {s['ima_score']:.3f} | {pct(s['image_accuracy'])} |")
+    lines += ["", "| FFN skipped from layer | ranked image accuracy | seconds | speedup |", "|---|---|---|---|"]
+    for run in report["skipping"]["runs"]:
+        lines.append(f"| {run['start_layer'] if run['start_layer'] is not None else 'none'} | "
+                     f"{pct(run['ranked_accuracy'])} | {run['seconds']:.2f} | {run.get('speedup', 1.0):.2f}x |")
+    lines += ["", "![ima](ima.png)", "", "## Training", "", "![loss curves](loss_curves.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    ev = Evaluation(cfg)
+    report = ev.report
+    media = [m for m in ("image", "audio", "video") if m in ev.tokenizers]
+    logger.info("judges: training on the real %s split", "train")
+    report["judges"] = ev.train_judges()
+    report["understanding"] = {}
+    for modality in media:
+        if rows_of(ev.rows, modality, cfg.split):
+            logger.info("understanding: %s", modality)
+            report["understanding"][modality] = ev.understanding(modality)
+    report["generation"] = {}
+    for modality in ("image", "audio"):
+        if modality in ev.generator.grammar.shapes and modality in ev.judges:
+            logger.info("generation: %s", modality)
+            report["generation"][modality] = ev.generation(modality)
+    logger.info("tokenizers: reconstruction")
+    report["reconstruction"] = ev.reconstruction()
+    logger.info("IMA: alignment per layer and per stage; FFN skipping")
+    report["ima"] = ev.ima()
+    report["skipping"] = ev.skipping()
+    plot_ima(report["ima"], report["skipping"], ev.out / "ima.png")
+    report["curves"] = plot_curves(metric_files(cfg), ev.out / "loss_curves.png")
+    write_json(ev.out / "report.json", report)
+    write_report(report, ev.out)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from workflows.cli import setup_logging
+
+    setup_logging()
+    cfg = parse_args(EvaluateConfig, argv, description=__doc__, prog="anytoken evaluate")
+    try:
+        report = evaluate(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        logger.error("%s", err)
+        return 1
+    for modality, values in report["understanding"].items():
+        logger.info("understanding %-5s ranked %s, free reply %s (chance %s)", modality,
+                    pct(values["ranked_accuracy"]), pct(values.get("free_reply_digit_accuracy")),
+                    pct(values["chance"]))
+    for modality, values in report["generation"].items():
+        logger.info("generation    %-5s judged %s", modality, pct(values["judged_accuracy"]))
+    print(json.dumps({"report": str(Path(cfg.out) / "report.md")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
