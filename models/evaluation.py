@@ -123,15 +123,20 @@ def audio_features(waves: Sequence[torch.Tensor], sample_rate: int, segments: in
 
 
 class DigitJudge:
-    """A scikit-learn classifier on fixed features: trained on real examples, asked about generated ones."""
+    """A scikit-learn classifier on fixed features: trained on real examples, asked about generated ones.
 
-    def __init__(self, features: Callable[..., np.ndarray]):
+    `standardize` rescales each feature to unit variance: right for log-mel statistics, wrong for pixels, where
+    the real digits' always-white border has almost no variance and the faintest grey there (any reconstruction
+    or generated image has some) would be blown up to dominate the verdict."""
+
+    def __init__(self, features: Callable[..., np.ndarray], standardize: bool = False):
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
         from sklearn.svm import SVC
 
         self.features = features
-        self.classifier = make_pipeline(StandardScaler(), SVC(C=10.0, gamma="scale"))
+        svm = SVC(C=10.0, gamma="scale")
+        self.classifier = make_pipeline(StandardScaler(), svm) if standardize else svm
 
     def fit(self, examples, labels: Sequence[int]) -> "DigitJudge":
         self.classifier.fit(self.features(examples), np.asarray(labels))

@@ -172,7 +172,7 @@ class Evaluation:
         if rows_of(self.rows, "audio", "train"):
             waves, labels = self.waves("train")
             rate = self.audio_rate
-            self.judges["audio"] = DigitJudge(lambda w: audio_features(w, rate)).fit(waves, labels)
+            self.judges["audio"] = DigitJudge(lambda w: audio_features(w, rate), standardize=True).fit(waves, labels)
             test_waves, test_labels = self.waves(self.cfg.split)
             result["audio_judge_accuracy_on_real"] = self.judges["audio"].accuracy(test_waves, test_labels)
         return result
@@ -295,12 +295,12 @@ class Evaluation:
         """Image understanding with perceptual tokens skipping the FFN from layer k on: accuracy and latency."""
         _, layers = decoder_layers(self.model.llm)
         ks = self.cfg.skip_layers or list(range(len(layers)))
-        baseline, seconds = timed(lambda: self.understanding("image", free=False))
+        baseline, seconds = timed(lambda: self.understanding("image", free=False), repeats=2)
         rows = [{"start_layer": None, "ranked_accuracy": baseline["ranked_accuracy"], "seconds": seconds}]
         for k in ks:
             with PerceptualSkipping(self.model, SkipConfig(start_layer=k)) as skip:
                 result, seconds = timed(lambda: self.understanding("image", before_forward=skip.set_tokens,
-                                                                   free=False))
+                                                                   free=False), repeats=2)
             rows.append({"start_layer": k, "ranked_accuracy": result["ranked_accuracy"], "seconds": seconds,
                          "speedup": rows[0]["seconds"] / seconds})
         return {"layers": len(layers), "runs": rows}

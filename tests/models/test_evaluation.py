@@ -51,3 +51,10 @@ def test_image_judge_knows_real_digits_and_psnr_is_in_db(digits):
     assert judge.accuracy(images[1400:], labels[1400:]) > 0.9
     assert judge.accuracy(torch.rand(50, 3, 32, 32), [0] * 50) < 0.5
     assert abs(psnr(torch.zeros(4), torch.full((4,), 0.1)) - 20.0) < 1e-4
+
+
+def test_the_image_judge_is_not_thrown_by_faint_grey_where_real_digits_are_white(digits):
+    images, labels = digits
+    judge = DigitJudge(image_features).fit(images[:1400], labels[:1400])
+    noisy = (images[1400:] + 0.02 * torch.randn_like(images[1400:])).clamp(0, 1)     # a 34 dB reconstruction
+    assert judge.accuracy(noisy, labels[1400:]) > 0.9
