@@ -61,19 +61,14 @@ def rank_answers(model, prompts: Sequence[Sequence[int]], candidates: Sequence[S
                  batch_size: int = 32, before_forward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """(N, C) scores: candidates[c] is a list of phrasings (token ids) of candidate c; a candidate scores its
     best phrasing. argmax over dim 1 is the prediction."""
-    flat_prompts, flat_answers, owner = [], [], []
-    for p in prompts:
-        for c, phrasings in enumerate(candidates):
-            for phrasing in phrasings:
-                flat_prompts.append(p)
-                flat_answers.append(phrasing)
-                owner.append(c)
-    flat = answer_logprobs(model, flat_prompts, flat_answers, batch_size, before_forward)
-    per_prompt = flat.view(len(prompts), -1)
-    owner_t = torch.tensor(owner[: per_prompt.shape[1]])
+    phrasings = [phrasing for options in candidates for phrasing in options]
+    owner = torch.tensor([c for c, options in enumerate(candidates) for _ in options])
+    flat = answer_logprobs(model, [p for p in prompts for _ in phrasings], phrasings * len(prompts), batch_size,
+                           before_forward)
+    per_prompt = flat.view(len(prompts), len(phrasings))
     scores = torch.full((len(prompts), len(candidates)), float("-inf"))
     for c in range(len(candidates)):
-        scores[:, c] = per_prompt[:, owner_t == c].max(dim=1).values
+        scores[:, c] = per_prompt[:, owner == c].max(dim=1).values
     return scores
 
 

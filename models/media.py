@@ -56,14 +56,19 @@ def image_grid(images: torch.Tensor, columns: int, padding: int = 2) -> torch.Te
     return grid
 
 
+def write_grid(images: torch.Tensor, path: str | Path, columns: int, scale: int = 4) -> Path:
+    """image_grid enlarged `scale` times (nearest, so pixels stay visible) and written as a PNG."""
+    grid = image_grid(images, columns)
+    return write_png(torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], path)
+
+
 def write_pairs(original: torch.Tensor, rebuilt: torch.Tensor, path: str | Path, columns: int = 8,
                 scale: int = 4) -> Path:
     """Originals on odd rows with what was rebuilt (or generated) beneath them, enlarged `scale` times."""
     rows = []
     for start in range(0, len(original), columns):
         rows += [original[start:start + columns], rebuilt[start:start + columns]]
-    grid = image_grid(torch.cat(rows), columns)
-    return write_png(torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0], path)
+    return write_grid(torch.cat(rows), path, columns, scale)
 
 
 def read_wav(source: str | Path | bytes) -> tuple[torch.Tensor, int]:

@@ -172,6 +172,15 @@ def write_manifest(rows: list[dict], out: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), out / "manifest.parquet")
 
 
+def read_manifest(data: Path, modality: str | None = None, split: str | None = None) -> list[dict]:
+    """The rows write_manifest wrote under `data`, optionally only one modality and split, in order."""
+    path = data / "manifest.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: build the data with `anytoken demo-data --out {data}`")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if (modality is None or r["modality"] == modality) and (split is None or r["split"] == split)]
+
+
 def build_demo_data(cfg: DemoDataConfig) -> dict:
     """Write the dataset under cfg.out and return its summary (also written to demo_data.json)."""
     if len(cfg.video_frames) != 2 or not 2 <= cfg.video_frames[0] <= cfg.video_frames[1]:

@@ -11,6 +11,7 @@ from layer k on. Runs in this process (no Ray): the held-out split of the demo i
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -27,11 +28,11 @@ from models.evaluation import (DigitJudge, audio_features, image_features, menti
 from models.exported import ExportedModel
 from models.generation import SamplingParams
 from models.ima import PerceptualSkipping, SkipConfig, decoder_layers, measure_alignment
-from models.media import image_grid, read_image, read_mp4, read_wav, write_pairs, write_png
+from models.media import read_image, read_mp4, read_wav, write_grid, write_pairs
 from models.multimodal_generator import MediaPart, OutputDecoder, PromptEncoder, TokenGenerator
 from models.pretrained import load_pretrained, write_json
 from workflows.config import parse_args
-from workflows.demo_data import DIRECTIONS, IMAGE_CAPTIONS, VIDEO_CAPTIONS, WORDS
+from workflows.demo_data import DIRECTIONS, IMAGE_CAPTIONS, VIDEO_CAPTIONS, WORDS, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +59,6 @@ class EvaluateConfig:
 
 
 # --- the data ------------------------------------------------------------------------------------------------------
-def manifest(data: Path) -> list[dict[str, Any]]:
-    path = data / "manifest.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: build the data with `anytoken demo-data --out {data}`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def rows_of(rows: list[dict], modality: str, split: str, limit: int | None = None) -> list[dict]:
-    picked = [r for r in rows if r["modality"] == modality and r["split"] == split]
-    return picked[:limit] if limit else picked
-
-
 def direction_of(text: str) -> int:
     for i, name in enumerate(DIRECTIONS):
         if re.search(rf"\b{name}\b", text):
@@ -90,15 +79,26 @@ class Evaluation:
         self.generator = TokenGenerator(self.exported)
         self.decoder = OutputDecoder(self.exported)
         self.tokenizers = self.exported.media_tokenizers()
-        self.rows = manifest(self.data)
+        self.manifest = read_manifest(self.data)
         self.report: dict[str, Any] = {"model": str(Path(cfg.model).resolve()), "split": cfg.split}
         self.judges: dict[str, DigitJudge] = {}
 
     def answer(self, text: str) -> list[int]:
         return self.text(text, add_special_tokens=False)["input_ids"] + [self.text.eos_token_id]
 
+    def rows(self, modality: str, split: str | None = None, limited: bool = False) -> list[dict]:
+        split = split or self.cfg.split
+        rows = [r for r in self.manifest if r["modality"] == modality and r["split"] == split]
+        return rows[: self.cfg.max_examples] if limited else rows
+
     def media_prompt(self, row: dict) -> list[int]:
         return self.encoder.encode([MediaPart(row["modality"], (self.data / row["path"]).read_bytes())]).ids
+
+    @functools.cache
+    def prompts(self, modality: str) -> tuple[list[dict], list[list[int]]]:
+        """The evaluated rows of a modality and their prompts, tokenized once for every model and setting."""
+        rows = self.rows(modality, limited=True)
+        return rows, [self.media_prompt(r) for r in rows]
 
     def candidates(self, modality: str) -> tuple[list[list[list[int]]], list[list[str]]]:
         """Every candidate answer (its phrasings as ids) and, per candidate, the names a free reply may use."""
@@ -119,8 +119,7 @@ class Evaluation:
             else int(row["label"])
 
     def understanding(self, modality: str, model=None, before_forward=None, free: bool = True) -> dict[str, Any]:
-        rows = rows_of(self.rows, modality, self.cfg.split, self.cfg.max_examples)
-        prompts = [self.media_prompt(r) for r in rows]
+        rows, prompts = self.prompts(modality)
         labels = torch.tensor([self.label(r) for r in rows])
         candidates, names = self.candidates(modality)
         scores = rank_answers(model or self.model, prompts, candidates, self.cfg.batch_size, before_forward)
@@ -142,12 +141,14 @@ class Evaluation:
         return result
 
     # judges: trained on the real training split, checked on the real held-out split
+    @functools.cache
     def images(self, split: str) -> tuple[torch.Tensor, list[int]]:
-        rows = rows_of(self.rows, "image", split)
+        rows = self.rows("image", split)
         return torch.stack([read_image(self.data / r["path"]) for r in rows]), [int(r["label"]) for r in rows]
 
+    @functools.cache
     def waves(self, split: str) -> tuple[list[torch.Tensor], list[int]]:
-        rows = rows_of(self.rows, "audio", split)
+        rows = self.rows("audio", split)
         waves = [read_wav(self.data / r["path"]) for r in rows]
         return [self._mono(w, rate) for w, rate in waves], [int(r["label"]) for r in rows]
 
@@ -169,7 +170,7 @@ class Evaluation:
         self.judges["image"] = DigitJudge(image_features).fit(images, labels)
         test_images, test_labels = self.images(self.cfg.split)
         result["image_judge_accuracy_on_real"] = self.judges["image"].accuracy(test_images, test_labels)
-        if rows_of(self.rows, "audio", "train"):
+        if self.rows("audio", "train"):
             waves, labels = self.waves("train")
             rate = self.audio_rate
             self.judges["audio"] = DigitJudge(lambda w: audio_features(w, rate), standardize=True).fit(waves, labels)
@@ -195,9 +196,7 @@ class Evaluation:
         if modality == "image":
             samples = torch.stack([read_image(m.data) for m in made])
             accuracy = self.judges["image"].accuracy(samples, labels)
-            grid = image_grid(samples, cfg.samples_per_digit)
-            write_png(torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0],
-                      self.out / "generated_images.png")
+            write_grid(samples, self.out / "generated_images.png", cfg.samples_per_digit)
             figure = "generated_images.png"
         else:
             waves = [self._mono(*read_wav(m.data)) for m in made]
@@ -210,16 +209,15 @@ class Evaluation:
 
     def reconstruction(self) -> dict[str, Any]:
         result: dict[str, Any] = {}
-        images, _ = self.images(self.cfg.split)
-        images = images[: self.cfg.max_examples]
+        images, labels = self.images(self.cfg.split)
+        images, labels = images[: self.cfg.max_examples], labels[: self.cfg.max_examples]
         if "image" in self.tokenizers:
             grid = self.tokenizers["image"]
             rebuilt = grid.decode(grid.encode(images))
             result["image"] = {"psnr_db": psnr(rebuilt, images), "tokens_per_image": grid.tokens_per_image}
             write_pairs(images[:16], rebuilt[:16], self.out / "image_reconstructions.png")
             if "image" in self.judges:
-                result["image"]["judge_accuracy_on_reconstructions"] = self.judges["image"].accuracy(
-                    rebuilt, [int(r["label"]) for r in rows_of(self.rows, "image", self.cfg.split)][: len(images)])
+                result["image"]["judge_accuracy_on_reconstructions"] = self.judges["image"].accuracy(rebuilt, labels)
         if self.cfg.dynamic_tokenizer:
             dynamic = load_pretrained(self.cfg.dynamic_tokenizer).eval()
             with torch.no_grad():
@@ -235,18 +233,18 @@ class Evaluation:
             write_pairs(images[:16], rebuilt[:16], self.out / "dynamic_reconstructions.png")
         if "audio" in self.tokenizers and "audio" in self.judges:
             audio = self.tokenizers["audio"]
-            waves, labels = self.waves(self.cfg.split)
-            waves, labels = waves[: self.cfg.max_examples], labels[: self.cfg.max_examples]
+            waves, spoken = self.waves(self.cfg.split)
+            waves, spoken = waves[: self.cfg.max_examples], spoken[: self.cfg.max_examples]
             with torch.no_grad():
                 rebuilt = [audio.decode(audio.encode(w[None]))[0][: len(w)] for w in waves]
                 mel_l1 = float(np.mean([(audio.log_mel(r[None]) - audio.log_mel(w[None])).abs().mean().item()
                                         for r, w in zip(rebuilt, waves)]))
             result["audio"] = {"mel_l1": mel_l1, "judge_accuracy_on_reconstructions":
-                               self.judges["audio"].accuracy(rebuilt, labels)}
+                               self.judges["audio"].accuracy(rebuilt, spoken)}
         if "video" in self.tokenizers:
             video = self.tokenizers["video"]
             clips = []
-            for row in rows_of(self.rows, "video", self.cfg.split, self.cfg.max_examples):
+            for row in self.rows("video", limited=True):
                 frames, fps = read_mp4(self.data / row["path"])
                 clips.append(video.sample(frames, fps))
             with torch.no_grad():
@@ -258,8 +256,8 @@ class Evaluation:
 
     def alignment_batches(self, limit: int = 64) -> list[dict[str, torch.Tensor]]:
         """Image understanding documents with their true caption, padded; doc id -1 marks the padding."""
-        docs = [self.media_prompt(r) + self.answer(r["text"])
-                for r in rows_of(self.rows, "image", self.cfg.split, limit)]
+        rows, prompts = self.prompts("image")
+        docs = [prompt + self.answer(r["text"]) for r, prompt in list(zip(rows, prompts))[:limit]]
         batches = []
         for start in range(0, len(docs), self.cfg.batch_size):
             chunk = docs[start:start + self.cfg.batch_size]
@@ -460,7 +458,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     report["judges"] = ev.train_judges()
     report["understanding"] = {}
     for modality in media:
-        if rows_of(ev.rows, modality, cfg.split):
+        if ev.rows(modality):
             logger.info("understanding: %s", modality)
             report["understanding"][modality] = ev.understanding(modality)
     report["generation"] = {}

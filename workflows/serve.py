@@ -40,13 +40,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def demo_requests(data: Path) -> dict[str, list[dict[str, Any]]]:
+def demo_requests(data: Path) -> dict[str, dict[str, Any]]:
     """One chat request of each kind from the demo's test split: image->text, text->image, audio->text,
     video->text (bodies of POST /v1/chat/completions)."""
-    rows = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    from workflows.demo_data import read_manifest
 
     def first(modality: str) -> dict[str, Any]:
-        return next(r for r in rows if r["modality"] == modality and r["split"] == "test")
+        return read_manifest(data, modality, "test")[0]
 
     def b64(row: dict[str, Any]) -> str:
         return base64.b64encode((data / row["path"]).read_bytes()).decode("ascii")
