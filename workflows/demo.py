@@ -92,7 +92,7 @@ STEPS = [
          ["model/training.json", "model", "model.stages", "ray/demo-teal-"],
          smoke=[f"stages=[{{name: image, train: [special, image], mix: {{image: 1}}, steps: 10}}, "
                 f"{{name: joint, train: [all], steps: 10}}]", *SMOKE_LOOP],
-         what="joint embeddings over the frozen LLM in X-LLM stages with SEA"),
+         what="joint embeddings (and LoRA) over the frozen LLM in X-LLM stages with SEA"),
     Step("dynamic tokenizer", "train_tokenizer",
          _train("dynamic_visual_demo.yaml", DATA, "loop.name=demo-dynamic-visual", "--out", "{o}/tokenizers_dynamic/image"),
          ["tokenizers_dynamic/image/model.safetensors", "tokenizers_dynamic", "ray/demo-dynamic-visual"],

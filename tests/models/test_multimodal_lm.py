@@ -196,3 +196,20 @@ def test_the_grammar_loss_normalises_over_what_the_grammar_allows_so_media_heads
     group = vocab.grammar_groups()[1]
     expected = F.cross_entropy(logits[group][None], (group == ids[b, t + 1]).nonzero()[0])
     assert torch.isfinite(expected) and expected < F.cross_entropy(logits[None], ids[b, t + 1][None])
+
+
+def test_media_loss_weight_weighs_code_targets_against_text_targets(tiny_llm_path, vocab, text_tokenizer_path):
+    batch = batch_of_pairs(vocab, text_tokenizer_path)
+    ids, docs = batch["input_ids"], batch["doc_ids"]
+    valid = (batch["loss_mask"][:, 1:] > 0) & (docs[:, 1:] == docs[:, :-1]) & (docs[:, 1:] >= 0)
+    media = int((vocab.block_state(ids)[:, :-1][valid] > 0).sum())     # targets inside a block: its codes, its end
+    text = int(valid.sum()) - media
+    assert media > 0 and text > 0
+    lm = {}
+    for weight in (1.0, 0.3):
+        with torch.no_grad():
+            m = make_model(tiny_llm_path, vocab, media_loss_weight=weight).training_step(batch).metrics
+        lm[weight] = m["lm_loss"]
+        expected = (weight * media * m["media_loss"] + text * m["text_loss"]) / (weight * media + text)
+        assert m["lm_loss"] == pytest.approx(expected, rel=1e-5)
+    assert lm[0.3] != pytest.approx(lm[1.0], rel=1e-3)
