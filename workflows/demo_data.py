@@ -172,13 +172,17 @@ def write_manifest(rows: list[dict], out: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), out / "manifest.parquet")
 
 
-def read_manifest(data: Path, modality: str | None = None, split: str | None = None) -> list[dict]:
-    """The rows write_manifest wrote under `data`, optionally only one modality and split, in order."""
+def read_manifest(data: Path) -> list[dict]:
+    """The rows write_manifest wrote under `data`, in order."""
     path = data / "manifest.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: build the data with `anytoken demo-data --out {data}`")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if (modality is None or r["modality"] == modality) and (split is None or r["split"] == split)]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def select_rows(rows: list[dict], modality: str, split: str) -> list[dict]:
+    """The manifest rows of one modality and split, in order."""
+    return [r for r in rows if r["modality"] == modality and r["split"] == split]
 
 
 def build_demo_data(cfg: DemoDataConfig) -> dict:

@@ -32,7 +32,7 @@ from models.media import read_image, read_mp4, read_wav, write_grid, write_pairs
 from models.multimodal_generator import MediaPart, OutputDecoder, PromptEncoder, TokenGenerator
 from models.pretrained import load_pretrained, write_json
 from workflows.config import parse_args
-from workflows.demo_data import DIRECTIONS, IMAGE_CAPTIONS, VIDEO_CAPTIONS, WORDS, read_manifest
+from workflows.demo_data import DIRECTIONS, IMAGE_CAPTIONS, VIDEO_CAPTIONS, WORDS, read_manifest, select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,7 @@ class Evaluation:
         return self.text(text, add_special_tokens=False)["input_ids"] + [self.text.eos_token_id]
 
     def rows(self, modality: str, split: str | None = None, limited: bool = False) -> list[dict]:
-        split = split or self.cfg.split
-        rows = [r for r in self.manifest if r["modality"] == modality and r["split"] == split]
+        rows = select_rows(self.manifest, modality, split or self.cfg.split)
         return rows[: self.cfg.max_examples] if limited else rows
 
     def media_prompt(self, row: dict) -> list[int]:

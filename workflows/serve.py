@@ -21,6 +21,7 @@ from actors.serve import app_from_config
 from actors.serve_config import ServeConfig
 from models.exported import ExportedModel
 from workflows.config import parse_args
+from workflows.demo_data import read_manifest, select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +44,10 @@ def _free_port() -> int:
 def demo_requests(data: Path) -> dict[str, dict[str, Any]]:
     """One chat request of each kind from the demo's test split: image->text, text->image, audio->text,
     video->text (bodies of POST /v1/chat/completions)."""
-    from workflows.demo_data import read_manifest
+    rows = read_manifest(data)
 
     def first(modality: str) -> dict[str, Any]:
-        return read_manifest(data, modality, "test")[0]
+        return select_rows(rows, modality, "test")[0]
 
     def b64(row: dict[str, Any]) -> str:
         return base64.b64encode((data / row["path"]).read_bytes()).decode("ascii")
