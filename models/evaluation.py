@@ -25,36 +25,58 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], batch_size: int = 32,
-                    before_forward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """(N,) log p(answers[i] | prompts[i]), each answer token scored under the text-and-specials softmax.
+def prompt_answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                           batch_size: int = 32, before_forward: Callable[[torch.Tensor], None] | None = None,
+                           cache_tokens: int = 2 ** 19) -> torch.Tensor:
+    """(N, A): log p(answers[a] | prompts[n]) for every prompt and every answer, each answer token scored under
+    the text-and-specials softmax (how the model was trained outside media blocks).
 
-    `before_forward(ids)` runs before every forward pass (PerceptualSkipping.set_tokens, for one)."""
-    if len(prompts) != len(answers):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    Each prompt is run once; its KV cache is repeated for all the answers, which are scored in one more forward
+    pass. Prompts share a batch by left padding; a batch holds at most `batch_size` prompts and about
+    `cache_tokens` cached positions once repeated. `before_forward(ids)` runs before every forward pass with the
+    ids that pass processes (PerceptualSkipping.set_tokens, for one)."""
     vocab: JointVocabulary = model.vocab
     outside = vocab.grammar_groups()[0]
     column = torch.full((vocab.size,), -1, dtype=torch.long)
     column[outside] = torch.arange(len(outside))
     device = next(model.parameters()).device
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        rows = [list(p) + list(a) for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
-        ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)          # right padding: causal attention never reads it
-        ids = ids.to(device)
+    n_answers, width = len(answers), max(map(len, answers))
+    if min(map(len, answers)) == 0:
+        raise ValueError("an empty answer cannot be scored")
+    answer_ids = torch.zeros(n_answers, width, dtype=torch.long)
+    answer_mask = torch.zeros(n_answers, width, dtype=torch.long)
+    for i, answer in enumerate(answers):
+        answer_ids[i, : len(answer)], answer_mask[i, : len(answer)] = torch.as_tensor(list(answer)), 1
+    targets = torch.where(answer_mask.bool(), column[answer_ids], 0)
+    if (targets[answer_mask.bool()] < 0).any():
+        raise ValueError("an answer holds ids that are not text or specials")
+    outside, targets, answer_mask = outside.to(device), targets.to(device), answer_mask.to(device)
+    scores, start = [], 0
+    while start < len(prompts):
+        length = max(map(len, prompts[start:start + batch_size]))
+        chunk = prompts[start:start + max(1, min(batch_size, cache_tokens // (n_answers * length)))]
+        start += len(chunk)
+        length = max(map(len, chunk))
+        ids = torch.zeros(len(chunk), length, dtype=torch.long)
+        mask = torch.zeros(len(chunk), length, dtype=torch.long)
+        for i, prompt in enumerate(chunk):
+            ids[i, length - len(prompt):], mask[i, length - len(prompt):] = torch.as_tensor(list(prompt)), 1
+        ids, mask = ids.to(device), mask.to(device)
         if before_forward is not None:
             before_forward(ids)
-        _, logits = model.hidden_and_logits(ids)
-        logp = logits[..., outside.to(device)].float().log_softmax(-1)
-        for i, (prompt, answer) in enumerate(zip(prompts[start:start + batch_size], answers[start:start + batch_size])):
-            targets = column[torch.as_tensor(list(answer))].to(device)
-            if (targets < 0).any():
-                raise ValueError("an answer holds ids that are not text or specials")
-            positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(answer), device=device)
-            scores.append(logp[i, positions, targets].sum().item())
-    return torch.tensor(scores)
+        first, cache = model.next_token_logits(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None, use_cache=True)
+        cache.batch_repeat_interleave(n_answers)
+        feed = answer_ids.to(device).repeat(len(chunk), 1)                        # (chunk * A, width)
+        feed_mask = torch.cat([mask.repeat_interleave(n_answers, 0), answer_mask.repeat(len(chunk), 1)], dim=1)
+        positions = mask.sum(-1).repeat_interleave(n_answers)[:, None] + torch.arange(width, device=device)
+        if before_forward is not None:
+            before_forward(feed)
+        rest, _ = model.next_token_logits(feed, feed_mask, positions, cache, use_cache=True, keep=width)
+        logits = torch.cat([first.repeat_interleave(n_answers, 0)[:, None], rest[:, :-1]], dim=1)  # (chunk*A, width, V)
+        logp = logits[..., outside].float().log_softmax(-1)
+        picked = logp.gather(-1, targets.repeat(len(chunk), 1)[..., None])[..., 0]
+        scores.append((picked * answer_mask.repeat(len(chunk), 1)).sum(-1).view(len(chunk), n_answers).cpu())
+    return torch.cat(scores) if scores else torch.zeros(0, n_answers)
 
 
 def rank_answers(model, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]],
@@ -63,9 +85,7 @@ def rank_answers(model, prompts: Sequence[Sequence[int]], candidates: Sequence[S
     best phrasing. argmax over dim 1 is the prediction."""
     phrasings = [phrasing for options in candidates for phrasing in options]
     owner = torch.tensor([c for c, options in enumerate(candidates) for _ in options])
-    flat = answer_logprobs(model, [p for p in prompts for _ in phrasings], phrasings * len(prompts), batch_size,
-                           before_forward)
-    per_prompt = flat.view(len(prompts), len(phrasings))
+    per_prompt = prompt_answer_logprobs(model, prompts, phrasings, batch_size, before_forward)
     scores = torch.full((len(prompts), len(candidates)), float("-inf"))
     for c in range(len(candidates)):
         scores[:, c] = per_prompt[:, owner == c].max(dim=1).values

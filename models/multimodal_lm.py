@@ -202,14 +202,16 @@ class MultimodalLM(Pretrained):
                          [self.heads[n](hidden).to(text_logits.dtype) for n in self.table_names], dim=-1)
 
     def next_token_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                          past_key_values: Any = None, use_cache: bool = True) -> tuple[torch.Tensor, Any]:
+                          past_key_values: Any = None, use_cache: bool = True,
+                          keep: int = 1) -> tuple[torch.Tensor, Any]:
         """Generation's step: (B, T) new ids, (B, T_past + T) padding mask, (B, T) positions -> (B, V) logits of
-        the token after each row's last one, and the KV cache to pass back (None without use_cache)."""
+        the token after each row's last one, and the KV cache to pass back (None without use_cache).
+        keep > 1: (B, keep, V), the logits after each of the last `keep` new tokens (scoring answers)."""
         out = self.llm(inputs_embeds=self.embed(ids), attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=True,
-                       logits_to_keep=1)
-        logits = self.joint_logits(out.hidden_states[-1][:, -1:], out.logits[:, -1:])[:, 0]
-        return logits, (out.past_key_values if use_cache else None)
+                       logits_to_keep=keep)
+        logits = self.joint_logits(out.hidden_states[-1][:, -keep:], out.logits[:, -keep:])
+        return (logits[:, 0] if keep == 1 else logits), (out.past_key_values if use_cache else None)
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         ids, docs = batch["input_ids"].long(), batch["doc_ids"].long()

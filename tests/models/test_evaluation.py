@@ -1,6 +1,6 @@
 import torch
 
-from models.evaluation import DigitJudge, answer_logprobs, image_features, mentioned_label, psnr, rank_answers
+from models.evaluation import DigitJudge, image_features, mentioned_label, prompt_answer_logprobs, psnr, rank_answers
 from models.multimodal_lm import MultimodalLM, MultimodalLMConfig
 from models.vocabulary import JointVocabulary
 
@@ -12,20 +12,23 @@ def make_model(tiny_llm_path, text_tokenizer_path) -> MultimodalLM:
                                            text_special_ids=[0, 1])).eval()
 
 
-def test_answer_logprobs_is_the_sum_of_next_token_logprobs_over_text(tiny_llm_path, text_tokenizer_path):
+def test_every_answer_to_every_prompt_is_the_sum_of_its_next_token_logprobs_over_text(tiny_llm_path,
+                                                                                      text_tokenizer_path):
     model = make_model(tiny_llm_path, text_tokenizer_path)
     block = model.vocab.wrap("image", torch.tensor([3, 5, 7]))
-    prompts, answers = [[2] + block, [2, 4, 6]], [[9, 10, 1], [11, 1]]
-    batched = answer_logprobs(model, prompts, answers, batch_size=2)
-    for prompt, answer, got in zip(prompts, answers, batched):
-        ids = torch.tensor([prompt + answer])
-        with torch.no_grad():
-            _, logits = model.hidden_and_logits(ids)
-        text = model.vocab.grammar_groups()[0]
-        logp = logits[0, :, text].log_softmax(-1)       # what the model was trained with outside media blocks
-        column = {int(t): i for i, t in enumerate(text)}
-        want = sum(float(logp[len(prompt) - 1 + j, column[t]]) for j, t in enumerate(answer))
-        assert abs(float(got) - want) < 1e-4           # right padding in the batch changes nothing
+    prompts, answers = [[2] + block, [2, 4, 6], [2, 8]], [[9, 10, 1], [11, 1], [12, 13, 14, 1]]
+    # two prompts per batch and a small cache budget: left padding, the repeated cache and right-padded answers
+    scores = prompt_answer_logprobs(model, prompts, answers, batch_size=2, cache_tokens=24)
+    assert scores.shape == (3, 3)
+    text = model.vocab.grammar_groups()[0]
+    column = {int(t): i for i, t in enumerate(text)}
+    for n, prompt in enumerate(prompts):
+        for a, answer in enumerate(answers):
+            with torch.no_grad():
+                _, logits = model.hidden_and_logits(torch.tensor([prompt + answer]))
+            logp = logits[0, :, text].log_softmax(-1)       # what the model was trained with outside media blocks
+            want = sum(float(logp[len(prompt) - 1 + j, column[t]]) for j, t in enumerate(answer))
+            assert abs(float(scores[n, a]) - want) < 1e-4
 
 
 def test_rank_answers_scores_each_candidate_by_its_best_phrasing(tiny_llm_path, text_tokenizer_path):
@@ -33,7 +36,7 @@ def test_rank_answers_scores_each_candidate_by_its_best_phrasing(tiny_llm_path, 
     prompts = [[2, 4], [2, 5, 6]]
     candidates = [[[9, 1], [10, 1]], [[11, 1], [12, 13, 1]]]
     scores = rank_answers(model, prompts, candidates, batch_size=3)
-    single = answer_logprobs(model, [prompts[1]] * 2, [[11, 1], [12, 13, 1]])
+    single = prompt_answer_logprobs(model, [prompts[1]], [[11, 1], [12, 13, 1]])[0]
     assert scores.shape == (2, 2) and abs(float(scores[1, 1]) - float(single.max())) < 1e-4
 
 
