@@ -144,7 +144,7 @@ def _run_part(part: Part, cfg: PrepareConfig, actor_kwargs: dict[str, Any],
     ds = (_part_dataset(part, cfg)
           # reading bytes holds no CPU slot: the tokenizer pool may fill every core without starving its input
           .map_batches(read_media, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size, num_cpus=0,
-                       **_placement(cfg))
+                       fn_kwargs={"media": list(actor_kwargs["tokenizers"])}, **_placement(cfg))
           .map_batches(preprocess_media, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size,
                        num_cpus=cfg.preprocess_num_cpus, fn_kwargs={"config": preprocess}, **_placement(cfg))
           .map_batches(TokenizeActor, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size,

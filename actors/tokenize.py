@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -73,9 +73,19 @@ class _Reject(ValueError):
         self.reason = reason
 
 
-def read_media(batch: pa.Table) -> pa.Table:
-    """Task: check the row and read its file's bytes (local path or any pyarrow URI)."""
-    return for_each_row(batch, "read", _read)
+def read_media(batch: pa.Table, media: Sequence[str] | None = None) -> pa.Table:
+    """Task: check the row and read its file's bytes (local path or any pyarrow URI).
+
+    `media`: the modalities that have a tokenizer; a row of another one is rejected (no_tokenizer) before its
+    bytes are read or decoded."""
+    def step(row: dict[str, Any]) -> None:
+        if media is not None and row["modality"] in MODALITIES and row["modality"] != "text" \
+                and row["modality"] not in media:
+            raise _Reject("no_tokenizer", f"no {row['modality']} tokenizer was given (this run tokenizes "
+                                          f"{', '.join(media) or 'no media'})")
+        _read(row)
+
+    return for_each_row(batch, "read", step)
 
 
 def preprocess_media(batch: pa.Table, config: PreprocessConfig) -> pa.Table:

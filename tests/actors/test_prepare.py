@@ -178,6 +178,23 @@ def test_bad_input_is_rejected_with_its_reason_and_the_rest_is_tokenized(ray_loc
     assert all(m for m in messages)
 
 
+def test_rows_of_a_modality_without_a_tokenizer_are_rejected_before_reading_and_counted(ray_local, inputs,
+                                                                                        tmp_path):
+    import shutil
+
+    shutil.copytree(inputs / "tokenizers" / "image", tmp_path / "tokenizers" / "image")   # images only
+    cfg = config(inputs, tmp_path / "out")
+    cfg.tokenizers = str(tmp_path / "tokenizers")
+    stats = run_prepare(cfg)
+    manifest = [json.loads(line) for line in (inputs / "data" / "manifest.jsonl").read_text().splitlines()]
+    others = {r["id"] for r in manifest if r["modality"] != "image"}
+    errors = {r["id"]: f"{r['stage']}:{r['error_type']}" for f in (tmp_path / "out" / "errors").glob("*.parquet")
+              for r in pq.read_table(f).to_pylist()}
+    assert errors == {i: "read:no_tokenizer" for i in others}             # rejected before any decoding
+    assert stats["input_rows"] == len(manifest) and stats["error_rows"] == len(others)
+    assert stats["ok_rows"] == len(manifest) - len(others) and set(stats["media_tokens"]) == {"image"}
+
+
 def test_webdataset_parquet_and_folder_sources(ray_local, inputs, media_cases, tmp_path):
     png, wav = media_cases["good.png"][1], media_cases["speech.wav"][1]
 
