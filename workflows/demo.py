@@ -11,6 +11,7 @@ starts from nothing.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import shutil
 import sys
@@ -18,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
+
+import yaml
 
 from workflows.config import CONFIG_DIR, parse_args
 
@@ -52,6 +55,15 @@ def _with(args: Callable[[Path], list[str]], extra: Callable[[Path], list[str]])
 
 DATA = "data.path={o}/data/manifest.jsonl"   # every job that reads the demo manifest
 SMOKE_LOOP = ["loop.log_every=5", "loop.checkpoint_every=10"]
+SMOKE_IMAGE_STAGE = "{name: image, train: [special, image], mix: {image: 1}, steps: 10}"
+
+
+def _stage(config: str, name: str) -> str:
+    """One stage of a shipped train config, as a flow-style value for `stages=[...]`."""
+    stages = yaml.safe_load((CONFIG_DIR / "train" / config).read_text())["stages"]
+    return json.dumps(next(s for s in stages if s["name"] == name))
+
+
 STEPS = [
     Step("data", "demo_data", lambda o: ["--out", str(o / "data")], ["data/manifest.parquet", "data"],
          smoke=["images=300", "audio_per_digit=4", "videos=40"],
@@ -90,16 +102,27 @@ STEPS = [
          _train("teal_demo.yaml", "data={o}/prepared", "base_llm={o}/llm", "model.sea.clip={o}/clip", "--out",
                 "{o}/model"),
          ["model/training.json", "model", "model.stages", "ray/demo-teal-"],
-         smoke=[f"stages=[{{name: image, train: [special, image], mix: {{image: 1}}, steps: 10}}, "
-                f"{{name: joint, train: [all], steps: 10}}]", *SMOKE_LOOP],
+         smoke=[f"stages=[{SMOKE_IMAGE_STAGE}, {{name: joint, train: [all], steps: 10}}]", *SMOKE_LOOP],
          what="joint embeddings (and LoRA) over the frozen LLM in X-LLM stages with SEA"),
     Step("dynamic tokenizer", "train_tokenizer",
          _train("dynamic_visual_demo.yaml", DATA, "loop.name=demo-dynamic-visual", "--out", "{o}/tokenizers_dynamic/image"),
          ["tokenizers_dynamic/image/model.safetensors", "tokenizers_dynamic", "ray/demo-dynamic-visual"],
          smoke=["loop.steps=20", *SMOKE_LOOP], what="LaVIT's selector + merger: fewer tokens per image"),
+    Step("prepare (dynamic)", "prepare",
+         lambda o: ["--config", str(CONFIG_DIR / "prepare_demo.yaml"), f"source.manifest={o / 'data/manifest.jsonl'}",
+                    "--out", str(o / "prepared_dynamic"), "--tokenizers", str(o / "tokenizers_dynamic"),
+                    "--text-tokenizer", str(o / "text_tokenizer")],
+         ["prepared_dynamic/stats.json", "prepared_dynamic"],
+         what="the images again, through the dynamic tokenizer (audio and video: rejected, no tokenizer given)"),
+    Step("TEAL (dynamic)", "train",
+         _train("teal_demo.yaml", "name=demo-teal-dynamic", "data={o}/prepared_dynamic", "base_llm={o}/llm",
+                "model.sea.clip={o}/clip", f"stages=[{_stage('teal_demo.yaml', 'image')}]", "--out", "{o}/model_dynamic"),
+         ["model_dynamic/training.json", "model_dynamic", "model_dynamic.stages", "ray/demo-teal-dynamic-"],
+         smoke=[f"stages=[{SMOKE_IMAGE_STAGE}]", "loop.micro_batch_size=2", *SMOKE_LOOP],   # few rows at smoke size
+         what="TEAL's image stage again on the dynamic tokens, to compare with the grid model after that stage"),
     Step("evaluate", "evaluate",
          lambda o: ["--model", str(o / "model"), "--data", str(o / "data"), "--out", str(o / "eval"),
-                    f"dynamic_tokenizer={o / 'tokenizers_dynamic/image'}"],
+                    f"dynamic_tokenizer={o / 'tokenizers_dynamic/image'}", f"dynamic_model={o / 'model_dynamic'}"],
          ["eval/report.json", "eval"], smoke=["max_examples=20", "samples_per_digit=1"],
          what="held-out accuracy, judged generation, reconstructions, IMA, FFN skipping -> report.md"),
     Step("serve", "serve",
@@ -168,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<18} {status:<8} {seconds:>8.0f}")
     print(f"\ntotal {sum(s for _, _, s in steps):.0f} s. Results in {out}: data/, tokenizers/, clip/, llm/, "
           f"prepared/ (shards, errors/, stats.json), model/ (the exported TEAL model), tokenizers_dynamic/, "
-          f"eval/report.md (with its figures), serve/ (the HTTP replies and generated media)")
+          f"prepared_dynamic/, model_dynamic/ (the image stage on the dynamic tokens), eval/report.md (with its figures), serve/ (the HTTP replies and generated media)")
     return 0
 
 

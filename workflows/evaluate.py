@@ -53,6 +53,8 @@ class EvaluateConfig:
     guidance_scale: float = 1.0
     skip_layers: list[int] = field(default_factory=list)   # FFN skipping from these layers; empty: every layer
     dynamic_tokenizer: str | None = None    # a dynamic (LaVIT) tokenizer folder to compare with the grid one
+    dynamic_model: str | None = None        # a model trained on that tokenizer's tokens: its image accuracy
+                                            # against the grid model's checkpoint after the same stage
     curves: list[str] = field(default_factory=list)        # metrics.jsonl files; empty: those beside the model
     batch_size: int = 32
     seed: int = 0
@@ -117,8 +119,11 @@ class Evaluation:
         return int(row["label"]) * len(DIRECTIONS) + direction_of(row["text"]) if row["modality"] == "video" \
             else int(row["label"])
 
-    def understanding(self, modality: str, model=None, before_forward=None, free: bool = True) -> dict[str, Any]:
-        rows, prompts = self.prompts(modality)
+    def understanding(self, modality: str, model=None, before_forward=None, free: bool = True,
+                      prompts: list[list[int]] | None = None) -> dict[str, Any]:
+        """`prompts`: the rows' prompts as another model's tokenizers make them (default: this model's)."""
+        rows, own = self.prompts(modality)
+        prompts = own if prompts is None else prompts
         labels = torch.tensor([self.label(r) for r in rows])
         candidates, names = self.candidates(modality)
         scores = rank_answers(model or self.model, prompts, candidates, self.cfg.batch_size, before_forward)
@@ -273,11 +278,8 @@ class Evaluation:
         with torch.no_grad():
             final = measure_alignment(self.model, batches)
         stages = []
-        stages_dir = Path(self.cfg.model).parent / f"{Path(self.cfg.model).name}.stages"
-        training = json.loads((Path(self.cfg.model) / "training.json").read_text()) \
-            if (Path(self.cfg.model) / "training.json").is_file() else {}
-        for stage in training.get("stages", []):
-            folder = stages_dir / stage["stage"]
+        for stage in trained_stages(self.cfg.model):
+            folder = stage_folder(self.cfg.model, stage["stage"])
             if not folder.is_dir():
                 continue
             model = ExportedModel(folder, self.exported.base_llm).model()
@@ -287,6 +289,30 @@ class Evaluation:
             stages.append({"stage": stage["stage"], "ima_score": scores.ima_score, "image_accuracy": accuracy,
                            "ima": scores.ima})
         return {"final": final.to_dict(), "stages": stages}
+
+    def dynamic_vs_grid(self) -> dict[str, Any]:
+        """Ranked image accuracy of the model built on the dynamic tokenizer against the grid model's checkpoint
+        after the same stage (the same recipe and steps, on the grid tokenizer's tokens)."""
+        exported = ExportedModel(self.cfg.dynamic_model)
+        encoder = PromptEncoder(exported)
+        rows, grid_prompts = self.prompts("image")
+        prompts = [encoder.encode([MediaPart("image", (self.data / r["path"]).read_bytes())]).ids for r in rows]
+        trained = trained_stages(self.cfg.dynamic_model)
+        if not trained:
+            raise ValueError(f"{self.cfg.dynamic_model} has no training.json stages to compare with the grid model")
+        stage = trained[-1]
+        runs = {"dynamic": (exported.model(), prompts, stage["steps"])}
+        grid = next((s for s in trained_stages(self.cfg.model) if s["stage"] == stage["stage"]), None)
+        if grid is not None and stage_folder(self.cfg.model, grid["stage"]).is_dir():
+            model = ExportedModel(stage_folder(self.cfg.model, grid["stage"]), self.exported.base_llm).model()
+            runs["grid"] = (model, grid_prompts, grid["steps"])
+        result: dict[str, Any] = {"stage": stage["stage"]}
+        for name, (model, these, steps) in runs.items():
+            scored, seconds = timed(lambda: self.understanding("image", model=model, prompts=these, free=False),
+                                    repeats=1)
+            result[name] = {"ranked_accuracy": scored["ranked_accuracy"], "steps": steps, "seconds": seconds,
+                            "prompt_tokens_mean": float(np.mean([len(p) for p in these]))}
+        return result
 
     def skipping(self) -> dict[str, Any]:
         """Image understanding with perceptual tokens skipping the FFN from layer k on: accuracy and latency."""
@@ -301,6 +327,16 @@ class Evaluation:
             rows.append({"start_layer": k, "ranked_accuracy": result["ranked_accuracy"], "seconds": seconds,
                          "speedup": rows[0]["seconds"] / seconds})
         return {"layers": len(layers), "runs": rows}
+
+
+def trained_stages(model: str) -> list[dict[str, Any]]:
+    """The stages training.json records for an exported model (none for a model trained otherwise)."""
+    path = Path(model) / "training.json"
+    return json.loads(path.read_text()).get("stages", []) if path.is_file() else []
+
+
+def stage_folder(model: str, stage: str) -> Path:
+    return Path(model).parent / f"{Path(model).name}.stages" / stage
 
 
 # --- figures and the report ------------------------------------------------------------------------------------------
@@ -433,6 +469,16 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
     for png in ("image_reconstructions.png", "dynamic_reconstructions.png", "video_reconstructions.png"):
         if (out / png).exists():
             lines += ["", f"![{png}]({png})"]
+    if "dynamic_vs_grid" in report:
+        d = report["dynamic_vs_grid"]
+        lines += ["", f"Image understanding after the `{d['stage']}` stage, the same recipe on each tokenizer's "
+                  "tokens:", "", "| image tokenizer | prompt tokens (mean) | steps | ranked image accuracy | seconds |",
+                  "|---|---|---|---|---|"]
+        for name in ("grid", "dynamic"):
+            if name in d:
+                v = d[name]
+                lines.append(f"| {name} | {v['prompt_tokens_mean']:.1f} | {v['steps']} | {pct(v['ranked_accuracy'])} "
+                             f"| {v['seconds']:.2f} |")
     lines += ["", "## IMA", "", f"IMA score of the final model: {report['ima']['final']['ima_score']:.3f} "
               f"(same-layer {report['ima']['final']['same_layer_score']:.3f}).", "",
               "| stage | IMA score | image accuracy |", "|---|---|---|"]
@@ -470,6 +516,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     logger.info("IMA: alignment per layer and per stage; FFN skipping")
     report["ima"] = ev.ima()
     report["skipping"] = ev.skipping()
+    if cfg.dynamic_model:
+        logger.info("the model on the dynamic tokenizer against the grid one")
+        report["dynamic_vs_grid"] = ev.dynamic_vs_grid()
     plot_ima(report["ima"], report["skipping"], ev.out / "ima.png")
     report["curves"] = plot_curves(metric_files(cfg), ev.out / "loss_curves.png")
     write_json(ev.out / "report.json", report)

@@ -27,6 +27,13 @@ def test_the_smoke_demo_leaves_every_artefact_and_a_report(tmp_path):
                 "loss_curves.png"):
         assert (out / "eval" / png).stat().st_size > 0, png
     assert "## Goals" in (out / "eval/report.md").read_text()
+    # the image stage trained again on the dynamic tokenizer's tokens, compared with the grid model after it
+    versus = report["dynamic_vs_grid"]
+    assert versus["stage"] == "image" and versus["dynamic"]["steps"] == versus["grid"]["steps"]
+    assert versus["dynamic"]["prompt_tokens_mean"] < versus["grid"]["prompt_tokens_mean"]
+    dynamic = json.loads((out / "prepared_dynamic/stats.json").read_text())
+    assert set(dynamic["media_tokens"]) == {"image"} and set(dynamic["errors_by_reason"]) == {"read:no_tokenizer"}
+    assert dynamic["ok_rows"] + dynamic["error_rows"] == dynamic["input_rows"]
     served = json.loads((out / "serve/results.json").read_text())
     assert set(served) == {"image_to_text", "text_to_image", "audio_to_text", "video_to_text"}
     assert [Path(f).suffix for f in served["text_to_image"]["files"]] == [".png"]
