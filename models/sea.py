@@ -38,12 +38,15 @@ def sea_contrastive_loss(z: torch.Tensor, labels: torch.Tensor, targets: torch.T
 class SeaLabeler:
     """Finds the media tokens of a packed batch and draws each one's word label."""
 
+    cache_size = 200_000          # image blocks whose CLIP word weights are kept
+
     def __init__(self, config: Any, vocab: "JointVocabulary"):
         self.vocab = vocab
         self.config = config.sea
         self.skip = set(config.text_special_ids)
         self.media_start = vocab.text_size + len(vocab.special_ids)
         self.clip = None
+        self._seen: dict[tuple[int, ...], torch.Tensor] = {}    # image block -> its CLIP word weights
         if self.config.clip:
             from transformers import AutoTokenizer
 
@@ -60,24 +63,61 @@ class SeaLabeler:
             self.image_tokenizer = load_pretrained(Path(config.tokenizers) / "image")
             self.image_tokenizer.requires_grad_(False)
 
-    def _clip_word_weights(self, image_ids: list[int]) -> torch.Tensor | None:
-        """Softmax over the top-k CLIP words for the image these global ids decode to."""
+    def _clip_word_weights(self, blocks: list[list[int]]) -> list[torch.Tensor | None]:
+        """Per image block (global ids): a softmax over the top-k CLIP words for the image it decodes to, or None
+        for a block that does not decode (a partial one: its document falls back to caption words). The blocks
+        that decode together are decoded and scored as one batch; a block seen before (the next epoch) is looked
+        up: the tokenizer and the CLIP are frozen, so its weights do not change."""
+        weights: list[torch.Tensor | None] = [self._seen.get(tuple(ids)) for ids in blocks]
+        missing = [i for i, w in enumerate(weights) if w is None]
+        for i, w in zip(missing, self._score_blocks([blocks[i] for i in missing])):
+            weights[i] = w
+            if w is not None and len(self._seen) < self.cache_size:
+                self._seen[tuple(blocks[i])] = w
+        return weights
+
+    def _score_blocks(self, blocks: list[list[int]]) -> list[torch.Tensor | None]:
+        images: list[torch.Tensor | None] = []
+        for ids in blocks:
+            try:
+                codes = torch.as_tensor(self.vocab.to_local("image", ids))
+                if hasattr(self.image_tokenizer, "tokens_per_image") and len(codes) != self.image_tokenizer.tokens_per_image:
+                    raise ValueError("a partial block")
+                images.append(codes)
+            except ValueError:
+                images.append(None)
+        kept = [i for i, codes in enumerate(images) if codes is not None]
+        weights: list[torch.Tensor | None] = [None] * len(blocks)
+        if not kept:
+            return weights
+        codes = [images[i] for i in kept]
         try:
-            codes = torch.as_tensor(self.vocab.to_local("image", image_ids))
-            image = self.image_tokenizer.decode([codes] if not hasattr(self.image_tokenizer, "tokens_per_image")
-                                                else codes[None])
-        except ValueError:
-            return None   # a partial block: fall back to caption words
-        scores = self.clip.score(image, self.words)[0]
-        top = scores.topk(min(self.config.top_k, len(self.words)))
-        weights = torch.zeros_like(scores)
-        weights[top.indices] = torch.softmax(top.values / self.config.label_temperature, dim=0)
+            decoded = self.image_tokenizer.decode(torch.stack(codes) if hasattr(self.image_tokenizer, "tokens_per_image")
+                                                  else codes)
+        except ValueError:       # one block the tokenizer refuses: decode the rest one by one
+            decoded, good = [], []
+            for i, c in zip(kept, codes):
+                try:
+                    decoded.append(self.image_tokenizer.decode(c[None] if hasattr(self.image_tokenizer,
+                                                                                   "tokens_per_image") else [c]))
+                    good.append(i)
+                except ValueError:
+                    pass
+            if not good:
+                return weights
+            kept, decoded = good, torch.cat(decoded)
+        scores = self.clip.score(decoded, self.words)
+        top = scores.topk(min(self.config.top_k, len(self.words)), dim=-1)
+        for row, i in enumerate(kept):
+            w = torch.zeros_like(scores[row])
+            w[top.indices[row]] = torch.softmax(top.values[row] / self.config.label_temperature, dim=0)
+            weights[i] = w
         return weights
 
     @torch.no_grad()
     def _labels(self, ids: torch.Tensor, docs: torch.Tensor) -> tuple[list[tuple[int, int]], list[tuple]]:
-        positions, keys = [], []
         image = self.vocab.codebook_range("image") if "image" in self.vocab.codebooks else range(0)
+        found = []                                           # (row, media positions, the document's tokens)
         for b in range(ids.shape[0]):
             for doc in docs[b].unique().tolist():
                 if doc < 0:
@@ -85,22 +125,26 @@ class SeaLabeler:
                 where = (docs[b] == doc).nonzero().flatten()
                 tokens = ids[b, where]
                 media = where[tokens >= self.media_start]
-                if len(media) == 0:
+                if len(media):
+                    found.append((b, media, tokens.tolist()))
+        blocks = [[t for t in tokens if t in image] for _, _, tokens in found]
+        words: list[torch.Tensor | None] = [None] * len(found)
+        if self.clip is not None:
+            with_image = [i for i, block in enumerate(blocks) if block]
+            for i, w in zip(with_image, self._clip_word_weights([blocks[i] for i in with_image])):
+                words[i] = w
+        positions, keys = [], []
+        for (b, media, tokens), weights in zip(found, words):
+            if weights is not None:
+                drawn = torch.multinomial(weights, len(media), replacement=True).tolist()
+                keys += [("word", w) for w in drawn]
+            else:
+                text = [t for t in tokens if t < self.vocab.text_size and t not in self.skip]
+                if not text:
                     continue
-                words = None
-                in_image = [int(t) for t in tokens if int(t) in image]
-                if self.clip is not None and in_image:
-                    words = self._clip_word_weights(in_image)
-                if words is not None:
-                    drawn = torch.multinomial(words, len(media), replacement=True).tolist()
-                    keys += [("word", w) for w in drawn]
-                else:
-                    text = [int(t) for t in tokens if int(t) < self.vocab.text_size and int(t) not in self.skip]
-                    if not text:
-                        continue
-                    drawn = torch.randint(len(text), (len(media),)).tolist()
-                    keys += [("token", text[i]) for i in drawn]
-                positions += [(b, int(p)) for p in media]
+                drawn = torch.randint(len(text), (len(media),)).tolist()
+                keys += [("token", text[i]) for i in drawn]
+            positions += [(b, int(p)) for p in media]
         return positions, keys
 
     def pairs(self, ids: torch.Tensor, docs: torch.Tensor, embeds: torch.Tensor,

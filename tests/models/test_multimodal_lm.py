@@ -3,7 +3,7 @@ import torch
 
 from models.multimodal_lm import LoraConfig, MultimodalLM, MultimodalLMConfig, block_causal_mask
 from models.sea import SeaConfig
-from models.sequences import media_text_documents, pack_documents
+from models.sequences import Document, media_text_documents, pack_documents
 from models.vocabulary import JointVocabulary
 
 WORDS = ["zero", "one", "two", "three"]
@@ -213,3 +213,45 @@ def test_media_loss_weight_weighs_code_targets_against_text_targets(tiny_llm_pat
         expected = (weight * media * m["media_loss"] + text * m["text_loss"]) / (weight * media + text)
         assert m["lm_loss"] == pytest.approx(expected, rel=1e-5)
     assert lm[0.3] != pytest.approx(lm[1.0], rel=1e-3)
+
+
+def test_sea_with_a_clip_labels_each_image_block_from_its_decoded_image_in_one_batch(tiny_llm_path,
+                                                                                      text_tokenizer_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    from models.clip import ClipConfig, TinyCLIP
+    from models.image_vq import ImageVQConfig, ImageVQTokenizer
+    from models.quantizer import QuantizerConfig
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(text_tokenizer_path)
+    clip = TinyCLIP(ClipConfig(text_vocab_size=len(tokenizer), channels=16))
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip" / "text_tokenizer")
+    (tmp_path / "clip" / "words.txt").write_text("\n".join(WORDS))
+    image = ImageVQTokenizer(ImageVQConfig(channels=8, quantizer=QuantizerConfig(codebook_size=16, code_dim=8)))
+    image.save_pretrained(tmp_path / "tokenizers" / "image")
+    vocab = JointVocabulary.from_text_tokenizer(text_tokenizer_path, {"image": 16})
+    model = make_model(tiny_llm_path, vocab, tokenizers=str(tmp_path / "tokenizers"),
+                       text_tokenizer=text_tokenizer_path,
+                       sea=SeaConfig(weight=1.0, clip=str(tmp_path / "clip"), top_k=2))
+    labeler = model.sea_labeler
+    n = image.config.tokens_per_image
+    blocks = [(torch.arange(n) * (d + 1) % 16 + vocab.codebook_range("image").start).tolist() for d in range(3)]
+    blocks.append(blocks[0][: n // 2])                                       # a partial block: no image
+    weights = labeler._clip_word_weights(blocks)
+    assert weights[3] is None and len(labeler._seen) == 3
+    for block, got in zip(blocks[:3], weights):                              # the batch equals one at a time
+        alone = labeler._score_blocks([block])[0]
+        assert torch.allclose(got, alone, atol=1e-5)
+        assert (got > 0).sum() == 2 and abs(float(got.sum()) - 1) < 1e-5    # top-2 words only
+    labeler.image_tokenizer = None                                           # seen blocks need no decoding now
+    assert all(torch.equal(a, b) for a, b in zip(labeler._clip_word_weights(blocks[:3]), weights[:3]))
+    # in a packed batch, every image token of a document with a whole block gets one of its CLIP words
+    docs = [Document(f"s{i}", [*vocab.wrap("image", torch.tensor(b) - vocab.codebook_range("image").start),
+                               tokenizer(WORDS[i], add_special_tokens=False)["input_ids"][0], 1],
+                     [0] * (n + 2) + [1, 1]) for i, b in enumerate(blocks[:3])]
+    rows = pack_documents(docs, 3 * (n + 4), pad_id=1)
+    ids, doc_ids = torch.tensor([r.input_ids for r in rows]), torch.tensor([r.doc_ids for r in rows])
+    positions, keys = labeler._labels(ids, doc_ids)
+    assert len(positions) == 3 * n and {k[0] for k in keys} == {"word"}   # the codes, not [IMG] [/IMG]
