@@ -24,6 +24,35 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1 / F.mse_loss(a.float(), b.float()).clamp(min=1e-10)))
 
 
+def left_padded(prompts: Sequence[Sequence[int]], device: torch.device | str = "cpu"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths as one batch: (B, T) ids padded on the left, their mask and positions."""
+    length = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, length - len(prompt):], mask[i, length - len(prompt):] = torch.as_tensor(list(prompt)), 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def prefill_seconds(model, prompts: Sequence[Sequence[int]], batch_size: int = 32,
+                    before_forward: Callable[[torch.Tensor], None] | None = None, repeats: int = 2) -> float:
+    """Best wall time over `repeats` of running every prompt once, batched (the prefill a reply starts with, and
+    the pass perceptual-token skipping shortens)."""
+    device = next(model.parameters()).device
+    batches = [left_padded(prompts[i:i + batch_size], device) for i in range(0, len(prompts), batch_size)]
+
+    def run() -> None:
+        for ids, mask, positions in batches:
+            if before_forward is not None:
+                before_forward(ids)
+            model.next_token_logits(ids, mask, positions, None, use_cache=False)
+
+    return timed(run, repeats)[1]
+
+
 @torch.no_grad()
 def prompt_answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                            batch_size: int = 32, before_forward: Callable[[torch.Tensor], None] | None = None,
@@ -56,15 +85,10 @@ def prompt_answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Seq
         length = max(map(len, prompts[start:start + batch_size]))
         chunk = prompts[start:start + max(1, min(batch_size, cache_tokens // (n_answers * length)))]
         start += len(chunk)
-        length = max(map(len, chunk))
-        ids = torch.zeros(len(chunk), length, dtype=torch.long)
-        mask = torch.zeros(len(chunk), length, dtype=torch.long)
-        for i, prompt in enumerate(chunk):
-            ids[i, length - len(prompt):], mask[i, length - len(prompt):] = torch.as_tensor(list(prompt)), 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask, prompt_positions = left_padded(chunk, device)
         if before_forward is not None:
             before_forward(ids)
-        first, cache = model.next_token_logits(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None, use_cache=True)
+        first, cache = model.next_token_logits(ids, mask, prompt_positions, None, use_cache=True)
         cache.batch_repeat_interleave(n_answers)
         feed = answer_ids.to(device).repeat(len(chunk), 1)                        # (chunk * A, width)
         feed_mask = torch.cat([mask.repeat_interleave(n_answers, 0), answer_mask.repeat(len(chunk), 1)], dim=1)
