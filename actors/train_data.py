@@ -12,13 +12,11 @@ Four kinds of data:
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -67,36 +65,22 @@ def _shard_files(root: str, split: str, mix: dict[str, float]) -> list[tuple[str
     return [(prefix + f, mix.get(modality(f), 0.0) if mix else 1.0) for f in files]
 
 
-def sequence_dataset(cfg: DataConfig, split: str, min_rows: int = 0) -> ray.data.Dataset:
-    """The split's shards, weighted by the mix: a weight of 2 reads a modality twice per epoch, 0.5 half of it.
-
-    `min_rows`: a smaller split is repeated whole until one pass holds at least that many rows (rows come in
-    the same order every epoch, so this changes only how often the workers start a new pass: each start costs
-    seconds, which dominates when a pass is a few steps long)."""
+def sequence_dataset(cfg: DataConfig, split: str) -> ray.data.Dataset:
+    """The split's shards, weighted by the mix: a weight of 2 reads a modality twice per epoch, 0.5 half of it."""
     by_weight: dict[float, list[str]] = {}
     for path, weight in _shard_files(cfg.path, split, cfg.mix):
         if weight > 0:
             by_weight.setdefault(weight, []).append(path)
-    parts, rows = [], 0.0
+    parts = []
     for weight, files in sorted(by_weight.items()):
         ds = ray.data.read_parquet(files).select_columns(list(SEQUENCE_COLUMNS))
         whole, rest = int(weight), weight - int(weight)
         parts += [ds] * whole
         if rest > 1e-9:
             parts.append(ds.random_sample(rest, seed=cfg.seed))
-        if min_rows:
-            rows += weight * sum(_parquet_rows(f) for f in files)
     if not parts:
         raise ValueError(f"the data mix {cfg.mix} gives every shard weight 0")
-    if min_rows and 0 < rows < min_rows:
-        parts *= math.ceil(min_rows / rows)
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-
-def _parquet_rows(path: str) -> int:
-    fs, inner = filesystem(path)
-    with fs.open_input_file(inner) as f:
-        return pq.read_metadata(f).num_rows
 
 
 def _ok_rows(batch: pa.Table) -> pa.Table:

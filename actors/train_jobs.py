@@ -155,9 +155,6 @@ def _copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target)
 
 
-MIN_PASS_STEPS = 32   # a stage's pass over its data holds at least this many steps (see sequence_dataset)
-
-
 def train_teal(cfg: TealConfig) -> dict[str, Any]:
     """Every stage in order, each from the previous stage's export; returns a summary per stage."""
     if not cfg.stages:
@@ -177,9 +174,7 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
         if stage.lr is not None:
             loop.optim = OptimOptions(**{**config_to_dict(loop.optim), "lr": stage.lr})
         data = DataConfig(kind="sequences", path=cfg.data, mix=stage.mix)
-        # a pass over a small mix (the demo's audio: 24 rows) is repeated to MIN_PASS_STEPS steps at least
-        datasets = {"train": sequence_dataset(data, "train",
-                                              MIN_PASS_STEPS * loop.num_workers * loop.micro_batch_size)}
+        datasets = {"train": sequence_dataset(data, "train")}
         if (Path(cfg.data) / "val").is_dir():
             datasets["val"] = sequence_dataset(data, "val")
         logger.info("stage %d/%d %r: trains %s on %s for %d steps", i + 1, len(cfg.stages), stage.name,

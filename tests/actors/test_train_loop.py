@@ -74,16 +74,6 @@ def test_the_schedule_warms_up_then_follows_a_cosine():
     assert factors[-1] == pytest.approx(0.1)
 
 
-def test_a_small_split_is_repeated_whole_until_a_pass_holds_min_rows(ray_local, shards):
-    data = DataConfig(kind="sequences", path=str(shards))
-    rows = sequence_dataset(data, "val").take_all()
-    assert sequence_dataset(data, "val", min_rows=len(rows)).count() == len(rows)      # large enough: as it is
-    repeated = sequence_dataset(data, "val", min_rows=2 * len(rows) + 1).take_all()
-    assert len(repeated) == 3 * len(rows)
-    key = [tuple(r["input_ids"]) for r in rows]
-    assert sorted(tuple(r["input_ids"]) for r in repeated) == sorted(key * 3)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_trains_the_joint_embedding_and_leaves_the_llm_alone(ray_local, shards, tiny_llm_path, tmp_path, stage):
