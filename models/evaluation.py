@@ -16,24 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.generation import left_padded
 from models.vocabulary import JointVocabulary
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB of two tensors in [0, 1]."""
     return float(10 * torch.log10(1 / F.mse_loss(a.float(), b.float()).clamp(min=1e-10)))
-
-
-def left_padded(prompts: Sequence[Sequence[int]], device: torch.device | str = "cpu"
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompts of any lengths as one batch: (B, T) ids padded on the left, their mask and positions."""
-    length = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), length, dtype=torch.long)
-    mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, length - len(prompt):], mask[i, length - len(prompt):] = torch.as_tensor(list(prompt)), 1
-    ids, mask = ids.to(device), mask.to(device)
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()

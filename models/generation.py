@@ -239,6 +239,19 @@ class _Rows:
     produced: list[list[int]] = field(default_factory=list)
 
 
+def left_padded(prompts: Sequence[Sequence[int]], device: torch.device | str = "cpu", pad_id: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts of any lengths as one batch: (B, T) ids padded on the left (every row's last token at -1), their
+    mask and positions."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        ids[r, width - len(prompt):], mask[r, width - len(prompt):] = torch.as_tensor(list(prompt)), 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def decode_steps(model, grammar: ModalityGrammar, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
                  pad_id: int, uncond_prompt: Sequence[int] = (), use_cache: bool = True,
                  context_length: int | None = None) -> Iterator[list[int | None]]:
@@ -264,14 +277,7 @@ def decode_steps(model, grammar: ModalityGrammar, prompts: Sequence[Sequence[int
             all_prompts.append(list(uncond_prompt))
     device = next(model.parameters()).device
     n = len(all_prompts)
-    width = max(len(p) for p in all_prompts)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for r, prompt in enumerate(all_prompts):       # left padding: every row's last prompt token is at -1
-        ids[r, width - len(prompt):] = torch.tensor(prompt)
-        mask[r, width - len(prompt):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, positions = left_padded(all_prompts, device, pad_id)
     next_position = mask.sum(-1)                   # (n,)
     budget = max(p.max_new_tokens for p in params)
     cache = None

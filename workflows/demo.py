@@ -49,6 +49,13 @@ def _train(config: str, *more: str) -> Callable[[Path], list[str]]:
     return lambda o: ["--config", str(CONFIG_DIR / "train" / config), f"loop.storage_path={o / 'ray'}", *more]
 
 
+def _prepare(out: str, tokenizers: str) -> Callable[[Path], list[str]]:
+    """The demo manifest through the tokenizer folders under `tokenizers`, into `out` (both in the demo folder)."""
+    return lambda o: ["--config", str(CONFIG_DIR / "prepare_demo.yaml"),
+                      f"source.manifest={o / 'data/manifest.jsonl'}", "--out", str(o / out),
+                      "--tokenizers", str(o / tokenizers), "--text-tokenizer", str(o / "text_tokenizer")]
+
+
 def _with(args: Callable[[Path], list[str]], extra: Callable[[Path], list[str]]) -> Callable[[Path], list[str]]:
     return lambda o: args(o) + extra(o)
 
@@ -93,10 +100,7 @@ STEPS = [
          ["llm/model.safetensors", "llm", "ray/demo-llm"],
          smoke=["loop.steps=20", "loop.micro_batch_size=32", *SMOKE_LOOP],
          what="a tiny Llama on the demo texts, then frozen"),
-    Step("prepare", "prepare",
-         lambda o: ["--config", str(CONFIG_DIR / "prepare_demo.yaml"), f"source.manifest={o / 'data/manifest.jsonl'}",
-                    "--out", str(o / "prepared"), "--tokenizers", str(o / "tokenizers"),
-                    "--text-tokenizer", str(o / "text_tokenizer")],
+    Step("prepare", "prepare", _prepare("prepared", "tokenizers"),
          ["prepared/stats.json", "prepared"], what="Ray Data: decode, tokenize, both orders, pack, shards"),
     Step("TEAL", "train",
          _train("teal_demo.yaml", "data={o}/prepared", "base_llm={o}/llm", "model.sea.clip={o}/clip", "--out",
@@ -108,15 +112,13 @@ STEPS = [
          _train("dynamic_visual_demo.yaml", DATA, "loop.name=demo-dynamic-visual", "--out", "{o}/tokenizers_dynamic/image"),
          ["tokenizers_dynamic/image/model.safetensors", "tokenizers_dynamic", "ray/demo-dynamic-visual"],
          smoke=["loop.steps=20", *SMOKE_LOOP], what="LaVIT's selector + merger: fewer tokens per image"),
-    Step("prepare (dynamic)", "prepare",
-         lambda o: ["--config", str(CONFIG_DIR / "prepare_demo.yaml"), f"source.manifest={o / 'data/manifest.jsonl'}",
-                    "--out", str(o / "prepared_dynamic"), "--tokenizers", str(o / "tokenizers_dynamic"),
-                    "--text-tokenizer", str(o / "text_tokenizer")],
+    Step("prepare (dynamic)", "prepare", _prepare("prepared_dynamic", "tokenizers_dynamic"),
          ["prepared_dynamic/stats.json", "prepared_dynamic"],
          what="the images again, through the dynamic tokenizer (audio and video: rejected, no tokenizer given)"),
     Step("TEAL (dynamic)", "train",
          _train("teal_demo.yaml", "name=demo-teal-dynamic", "data={o}/prepared_dynamic", "base_llm={o}/llm",
-                "model.sea.clip={o}/clip", f"stages=[{_stage('teal_demo.yaml', 'image')}]", "--out", "{o}/model_dynamic"),
+                "model.sea.clip={o}/clip", f"stages=[{_stage('teal_demo.yaml', 'image')}]",
+                "--out", "{o}/model_dynamic"),
          ["model_dynamic/training.json", "model_dynamic", "model_dynamic.stages", "ray/demo-teal-dynamic-"],
          smoke=[f"stages=[{SMOKE_IMAGE_STAGE}]", "loop.micro_batch_size=2", *SMOKE_LOOP],   # few rows at smoke size
          what="TEAL's image stage again on the dynamic tokens, to compare with the grid model after that stage"),
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<18} {status:<8} {seconds:>8.0f}")
     print(f"\ntotal {sum(s for _, _, s in steps):.0f} s. Results in {out}: data/, tokenizers/, clip/, llm/, "
           f"prepared/ (shards, errors/, stats.json), model/ (the exported TEAL model), tokenizers_dynamic/, "
-          f"prepared_dynamic/, model_dynamic/ (the image stage on the dynamic tokens), eval/report.md (with its figures), serve/ (the HTTP replies and generated media)")
+          f"prepared_dynamic/, model_dynamic/ (the image stage on the dynamic tokens), eval/report.md (with its "
+          f"figures), serve/ (the HTTP replies and generated media)")
     return 0
 
 
