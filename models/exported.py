@@ -77,7 +77,7 @@ class ExportedModel:
     def model(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         """The MultimodalLM: the base LLM from `base_llm`, the joint tables from this folder."""
         from models.configuration import config_from_dict
-        from models.multimodal_lm import MultimodalLM, MultimodalLMConfig
+        from models.multimodal_lm import LoraConfig, MultimodalLM, MultimodalLMConfig
         from models.pretrained import load_weights_into
 
         config = config_from_dict(MultimodalLMConfig, {**self.config, "base_llm": self.base_llm})
@@ -115,12 +115,14 @@ class ExportedModel:
 
 
 def random_exported_model(out: str | Path, tokenizers: dict[str, Any], text_tokenizer: Any, hidden_size: int = 32,
-                          layers: int = 2, heads: int = 4, context_length: int = 512, seed: int = 0) -> Path:
+                          layers: int = 2, heads: int = 4, context_length: int = 512, seed: int = 0,
+                          lora_rank: int = 4) -> Path:
     """An untrained model in the exported layout over a random Llama saved beside it (`OUT-llm/`): what tests,
-    benchmarks and server smoke runs load when no trained model is at hand."""
+    benchmarks and server smoke runs load when no trained model is at hand. Its per-modality LoRA adapters
+    (lora_rank > 0) are random too, so that they change what the model does."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from models.multimodal_lm import MultimodalLM, MultimodalLMConfig
+    from models.multimodal_lm import LoraConfig, MultimodalLM, MultimodalLMConfig
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -138,5 +140,10 @@ def random_exported_model(out: str | Path, tokenizers: dict[str, Any], text_toke
     special = sorted({i for i in (text_tokenizer.bos_token_id, text_tokenizer.eos_token_id,
                                   text_tokenizer.pad_token_id, text_tokenizer.unk_token_id) if i is not None})
     model = MultimodalLM(MultimodalLMConfig(base_llm=str(llm_dir.resolve()), vocabulary=vocab.to_dict(),
-                                            text_special_ids=special))
+                                            text_special_ids=special, lora=LoraConfig(rank=lora_rank,
+                                                                                      alpha=lora_rank)))
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_b_" in name:
+                p.normal_(std=0.5)
     return ExportedModel.write(out, model, tokenizers, text_tokenizer, {"note": "random weights, untrained"})

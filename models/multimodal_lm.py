@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.lora import apply_lora
+from models.lora import LoraRoute, apply_lora
 from models.pretrained import Pretrained
 from models.sea import SeaConfig, SeaLabeler, sea_contrastive_loss
 from models.tokenizer import StepOutput
-from models.vocabulary import SPECIAL_TOKENS, JointVocabulary
+from models.vocabulary import BOUNDARIES, SPECIAL_TOKENS, JointVocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,23 @@ class LoraConfig:
     rank: int = 0                      # 0: no LoRA
     alpha: float = 16.0
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # "per_modality": one adapter per modality (X-LLM's per-modality interfaces): a token goes through the adapter
+    # of the modality whose block it is in or follows within its document, text before any block through none,
+    # so a stage on one modality cannot change the model on another. "shared": every token through one adapter.
+    adapters: Literal["per_modality", "shared"] = "per_modality"
+
+
+@dataclass
+class RoutedCache:
+    """Generation's KV cache and, per row, the LoRA adapter its last token went through (the route of the next
+    tokens until a block opens)."""
+    kv: Any
+    last_route: torch.Tensor | None
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.kv.batch_repeat_interleave(repeats)
+        if self.last_route is not None:
+            self.last_route = self.last_route.repeat_interleave(repeats)
 
 
 @dataclass
@@ -90,8 +107,16 @@ class MultimodalLM(Pretrained):
         self.embeddings = nn.ModuleDict({n: nn.Embedding(s, d) for n, s in sizes.items()})
         self.heads = nn.ModuleDict({n: nn.Linear(d, s, bias=False) for n, s in sizes.items()})
         self._init_tables()
+        self.lora_route = LoraRoute()
+        self.lora_adapters: list[str] = []
         if config.lora.rank > 0:
-            apply_lora(self.llm, config.lora.targets, config.lora.rank, config.lora.alpha)
+            if config.lora.adapters not in ("per_modality", "shared"):
+                raise ValueError(f"lora.adapters must be 'per_modality' or 'shared', not {config.lora.adapters!r}")
+            self.lora_adapters = (self.vocab.grammar_modalities() if config.lora.adapters == "per_modality"
+                                  else ["shared"])
+            apply_lora(self.llm, config.lora.targets, config.lora.rank, config.lora.alpha, self.lora_adapters,
+                       self.lora_route)
+        self.routed = config.lora.rank > 0 and config.lora.adapters == "per_modality"
         self.sea_labeler = SeaLabeler(config, self.vocab) if config.sea.weight > 0 else None
         self.set_trainable(["all"])
 
@@ -130,9 +155,14 @@ class MultimodalLM(Pretrained):
             self.embeddings[name].weight.copy_(rows / rows.norm(dim=-1, keepdim=True) * target_norm)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Names a stage can train: 'special', each codebook, 'lora', 'llm' (what unfreeze_llm allows)."""
+        """Names a stage can train: 'special', each codebook, 'lora' (every adapter), 'lora.<adapter>' (one
+        modality's), 'llm' (what unfreeze_llm allows)."""
         groups = {n: [*self.embeddings[n].parameters(), *self.heads[n].parameters()] for n in self.table_names}
         groups["lora"] = [p for n, p in self.llm.named_parameters() if "lora_" in n]
+        if self.routed:
+            for adapter in self.lora_adapters:
+                groups[f"lora.{adapter}"] = [p for n, p in self.llm.named_parameters()
+                                             if "lora_" in n and n.endswith(f"_{adapter}")]
         unfreeze = self.config.unfreeze_llm
         groups["llm"] = [p for n, p in self.llm.named_parameters() if "lora_" not in n and
                          (unfreeze == "all" or (unfreeze == "norms" and "norm" in n.lower()))]
@@ -182,6 +212,29 @@ class MultimodalLM(Pretrained):
             out = out + self.embeddings[name](local).to(out.dtype) * inside[..., None]
         return out
 
+    def lora_routes(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                    carried: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, T) ids -> (B, T) the per-modality adapter of each token: that of the last block opened at or before
+        it within its document (the boundary and the text after the block included), -1 before any; `carried`
+        (B,): the route of the tokens before these (generation). None: no routing (no or one shared adapter)."""
+        if not self.routed:
+            return None
+        opened = torch.full_like(ids, -1)
+        for i, modality in enumerate(self.lora_adapters):
+            opened = torch.where(ids == self.vocab.special_id(BOUNDARIES[modality][0]), i, opened)
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        last = torch.where(opened >= 0, positions, -1).cummax(dim=1).values
+        if doc_ids is None:
+            doc_start = torch.zeros_like(ids)
+        else:
+            starts = torch.ones_like(ids, dtype=torch.bool)
+            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            doc_start = torch.where(starts, positions, 0).cummax(dim=1).values
+        routes = torch.where(last >= doc_start, opened.gather(1, last.clamp(min=0)), -1)
+        if carried is not None:
+            routes = torch.where((last < 0) & (doc_start == 0), carried.to(ids.device)[:, None], routes)
+        return routes
+
     def hidden_and_logits(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                           position_ids: torch.Tensor | None = None,
                           embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,8 +244,9 @@ class MultimodalLM(Pretrained):
         if position_ids is None:
             position_ids = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         embeds = self.embed(ids) if embeds is None else embeds
-        out = self.llm(inputs_embeds=embeds, attention_mask=block_causal_mask(doc_ids), position_ids=position_ids,
-                       output_hidden_states=True, use_cache=False)
+        with self.lora_route.using(self.lora_routes(ids, doc_ids)):
+            out = self.llm(inputs_embeds=embeds, attention_mask=block_causal_mask(doc_ids),
+                           position_ids=position_ids, output_hidden_states=True, use_cache=False)
         hidden = out.hidden_states[-1]
         return hidden, self.joint_logits(hidden, out.logits)
 
@@ -202,16 +256,20 @@ class MultimodalLM(Pretrained):
                          [self.heads[n](hidden).to(text_logits.dtype) for n in self.table_names], dim=-1)
 
     def next_token_logits(self, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                          past_key_values: Any = None, use_cache: bool = True,
-                          keep: int = 1) -> tuple[torch.Tensor, Any]:
+                          past_key_values: RoutedCache | None = None, use_cache: bool = True,
+                          keep: int = 1) -> tuple[torch.Tensor, RoutedCache | None]:
         """Generation's step: (B, T) new ids, (B, T_past + T) padding mask, (B, T) positions -> (B, V) logits of
-        the token after each row's last one, and the KV cache to pass back (None without use_cache).
+        the token after each row's last one, and the cache to pass back (None without use_cache).
         keep > 1: (B, keep, V), the logits after each of the last `keep` new tokens (scoring answers)."""
-        out = self.llm(inputs_embeds=self.embed(ids), attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=True,
-                       logits_to_keep=keep)
+        kv, carried = (past_key_values.kv, past_key_values.last_route) if past_key_values is not None else (None, None)
+        routes = self.lora_routes(ids, carried=carried)
+        with self.lora_route.using(routes):
+            out = self.llm(inputs_embeds=self.embed(ids), attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=kv, use_cache=use_cache, output_hidden_states=True,
+                           logits_to_keep=keep)
         logits = self.joint_logits(out.hidden_states[-1][:, -keep:], out.logits[:, -keep:])
-        return (logits[:, 0] if keep == 1 else logits), (out.past_key_values if use_cache else None)
+        cache = RoutedCache(out.past_key_values, None if routes is None else routes[:, -1]) if use_cache else None
+        return (logits[:, 0] if keep == 1 else logits), cache
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         ids, docs = batch["input_ids"].long(), batch["doc_ids"].long()

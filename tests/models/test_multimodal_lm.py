@@ -122,6 +122,81 @@ def test_lora_starts_as_the_identity_and_trains_alone(tiny_llm_path, vocab, text
     assert MultimodalLM.from_pretrained(tmp_path / "lora").config.lora.rank == 2
 
 
+def random_adapters(model: MultimodalLM, std: float = 0.5) -> MultimodalLM:
+    """LoRA B starts at zero (no effect); random B makes every adapter change what the model computes."""
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_b_" in name:
+                p.normal_(std=std)
+    return model
+
+
+def test_each_token_goes_through_the_adapter_of_the_block_it_follows_within_its_document(tiny_llm_path, vocab):
+    model = make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2))
+    assert model.lora_adapters == ["image", "audio", "video"]
+    img, end_img = vocab.special_id("[IMG]"), vocab.special_id("[/IMG]")
+    aud, end_aud = vocab.special_id("[AUD]"), vocab.special_id("[/AUD]")
+    code, sound = vocab.codebook_range("image").start, vocab.codebook_range("audio").start
+    ids = torch.tensor([[4, img, code, end_img, 5, 6, aud, sound, end_aud, 7, 8, 9]])
+    docs = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1]])
+    #                    text  [IMG] .. [/IMG] text    [AUD] ...     text | the next document: no block yet
+    assert model.lora_routes(ids, docs).tolist() == [[-1, 0, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1]]
+    # generation feeds a few ids at a time: the route of the tokens before them carries on until a block opens
+    carried = torch.tensor([0, 1])
+    assert model.lora_routes(torch.tensor([[5, 6], [aud, 5]]), carried=carried).tolist() == [[0, 0], [1, 1]]
+    assert make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2, adapters="shared")).lora_routes(ids) is None
+
+
+def test_training_one_modalitys_adapter_leaves_the_model_on_other_modalities_unchanged(tiny_llm_path, vocab,
+                                                                                         text_tokenizer_path):
+    """X-LLM's per-modality interfaces: an image stage cannot erase what an audio stage learned (one shared
+    adapter does)."""
+    aud, end_aud = vocab.special_id("[AUD]"), vocab.special_id("[/AUD]")
+    sound = vocab.codebook_range("audio").start
+    audio_doc = torch.tensor([[aud, sound, sound + 3, end_aud, 5, 6]])
+    image_batch = batch_of_pairs(vocab, text_tokenizer_path)
+    changes = {}
+    for adapters in ("per_modality", "shared"):
+        model = random_adapters(make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2, adapters=adapters)))
+        with torch.no_grad():
+            before = model.hidden_and_logits(audio_doc)[1]
+            image_before = model.hidden_and_logits(image_batch["input_ids"][:1])[1]
+        model.set_trainable(["lora"])
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model.training_step(image_batch).loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            changes[adapters] = float((model.hidden_and_logits(audio_doc)[1] - before).abs().max())
+            assert not torch.allclose(model.hidden_and_logits(image_batch["input_ids"][:1])[1], image_before)
+    assert changes["per_modality"] == 0.0 and changes["shared"] > 1e-3
+    model = make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2))
+    image_only = model.set_trainable(["lora.image"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert image_only == ["lora.image"] and trainable and all(n.endswith("_image") for n in trainable)
+
+
+def test_decoding_with_the_cache_goes_through_the_same_adapters_as_the_whole_sequence(tiny_llm_path, vocab):
+    model = random_adapters(make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2))).eval()
+    img, end_img, aud = vocab.special_id("[IMG]"), vocab.special_id("[/IMG]"), vocab.special_id("[AUD]")
+    code, sound = vocab.codebook_range("image").start, vocab.codebook_range("audio").start
+    ids = torch.tensor([[4, img, code + 1, code + 2, end_img, 5, 6, aud, sound, sound + 1]])
+    with torch.no_grad():
+        whole = model.hidden_and_logits(ids)[1]
+        cache, stepped = None, []
+        for t in range(ids.shape[1]):     # one token at a time, then the repeated cache of answer ranking
+            logits, cache = model.next_token_logits(ids[:, t:t + 1], torch.ones(ids.shape[0], t + 1, dtype=torch.long),
+                                                    torch.full((ids.shape[0], 1), t), cache)
+            stepped.append(logits)
+            if t == 5:
+                cache.batch_repeat_interleave(2)
+                assert cache.last_route.tolist() == [0, 0]      # both copies are after an image block
+                ids, whole = ids.repeat(2, 1), whole.repeat(2, 1, 1)
+    assert torch.allclose(torch.stack([s[0] for s in stepped]), whole[0], atol=1e-4)
+    assert torch.allclose(stepped[-1], whole[:, -1], atol=1e-4)
+
+
 def test_codebook_init_puts_code_vectors_at_the_text_scale(tiny_llm_path, vocab, tmp_path, tiny_image_vq_config,
                                                            tiny_audio_config):
     from models import AudioVQTokenizer, ImageVQTokenizer, QuantizerConfig
