@@ -65,9 +65,10 @@ class LoRALinear(nn.Module):
         flat, which = x.reshape(-1, x.shape[-1]), tokens.reshape(-1).to(x.device)
         delta = out.new_zeros(flat.shape[0], out.shape[-1])
         for i, name in enumerate(self.adapters):
+            # every adapter joins the graph, with no rows too: data-parallel ranks whose batches hold different
+            # modalities must reduce the same gradients (zeros for an adapter a rank did not use)
             rows = (which == i).nonzero()[:, 0]
-            if len(rows):
-                delta = delta.index_add(0, rows, self.update(name, flat[rows]))
+            delta = delta.index_add(0, rows, self.update(name, flat[rows]))
         return out + delta.view(out.shape)
 
 

@@ -171,7 +171,12 @@ def test_training_one_modalitys_adapter_leaves_the_model_on_other_modalities_unc
             changes[adapters] = float((model.hidden_and_logits(audio_doc)[1] - before).abs().max())
             assert not torch.allclose(model.hidden_and_logits(image_batch["input_ids"][:1])[1], image_before)
     assert changes["per_modality"] == 0.0 and changes["shared"] > 1e-3
+    # data-parallel ranks reduce the same gradients whatever modalities their batches hold: zeros, never None
     model = make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2))
+    model.training_step(image_batch).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    assert all(float(g.abs().sum()) == 0 for n, g in grads.items() if "lora_a_audio" in n or "lora_b_audio" in n)
     image_only = model.set_trainable(["lora.image"])
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert image_only == ["lora.image"] and trainable and all(n.endswith("_image") for n in trainable)

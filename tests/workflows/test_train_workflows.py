@@ -155,8 +155,8 @@ def test_train_runs_the_stages_in_order_and_exports_one_model_folder(ray_local, 
     out = tmp_path / "model"
     code = train.main([f"data={prepared}", f"base_llm={tiny_llm_path}", f"--out={out}", "name=teal",
                        f"loop.storage_path={tmp_path / 'ray'}", *LOOP, "loop.micro_batch_size=4",
-                       "loop.optim.lr=0.03", "model.sea.weight=0.1", "model.sea.clip=null",
-                       "stages=[{name: image, train: [special, image], mix: {image: 1}, steps: 6},"
+                       "loop.optim.lr=0.03", "model.sea.weight=0.1", "model.sea.clip=null", "model.lora.rank=2",
+                       "stages=[{name: image, train: [special, image, lora.image], mix: {image: 1}, steps: 6},"
                        " {name: joint, train: [all], mix: {image: 1, audio: 1}, steps: 6, lr: 0.01}]"])
     assert code == 0
     for name in ("config.json", "model.safetensors", "vocabulary.json", "tokenizers/image/config.json",
@@ -172,6 +172,12 @@ def test_train_runs_the_stages_in_order_and_exports_one_model_folder(ray_local, 
     assert torch.equal(first.embeddings["audio"].weight, fresh)
     assert not torch.equal(first.embeddings["image"].weight, last.embeddings["image"].weight)
     assert not torch.equal(last.embeddings["audio"].weight, fresh)
+    # per-modality LoRA: the image stage trained the image adapter alone; the joint stage, whose two workers'
+    # batches hold different modalities, trained both
+    def adapter(model, name):
+        return torch.cat([p.flatten() for n, p in model.llm.named_parameters() if n.endswith(f"lora_b_{name}")])
+    assert adapter(first, "image").abs().sum() > 0 and adapter(first, "audio").abs().sum() == 0
+    assert adapter(last, "audio").abs().sum() > 0
     # the exported folder reloads to the model that was trained: the same held-out loss as the run measured
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {line["stage"] for line in lines} == {"image", "joint"}
