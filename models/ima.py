@@ -7,6 +7,7 @@ their own. Padding (doc id -1) is neither. An "example" is one document of a pac
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import asdict, dataclass
@@ -241,6 +242,7 @@ class PerceptualSkipping:
         self.layers = skipped_layers(len(layers), config)
         self.counts = {"ffn": 0, "attention": 0}    # token-layers skipped so far
         self._flops_model = llm
+        self._lora_route = getattr(model, "lora_route", None)   # per-modality LoRA: the FFN runs on fewer tokens
         self._pending: torch.Tensor | None = None
         self._active: torch.Tensor | None = None
         parts = [(block_part(layers[i], FFN_NAMES, "FFN"), self._ffn) for i in self.layers if config.ffn]
@@ -302,7 +304,9 @@ class PerceptualSkipping:
         keep = ~skip
         out = torch.zeros_like(hidden)                                      # (B, T, D): skipped tokens add 0
         if keep.any():
-            kept = original(hidden[keep][None], *args, **kwargs)             # (1, N_kept, D)
+            routed = self._lora_route.tokens if self._lora_route is not None else None
+            with contextlib.nullcontext() if routed is None else self._lora_route.using(routed[keep][None]):
+                kept = original(hidden[keep][None], *args, **kwargs)         # (1, N_kept, D)
             if not isinstance(kept, torch.Tensor):
                 raise ValueError(f"IMA skipping needs an FFN that returns a tensor, got {type(kept).__name__}")
             out[keep] = kept[0].to(out.dtype)

@@ -63,6 +63,9 @@ class LoRALinear(nn.Module):
         if tokens is None:
             return out + self.update(self.adapters[0], x)
         flat, which = x.reshape(-1, x.shape[-1]), tokens.reshape(-1).to(x.device)
+        if len(which) != len(flat):
+            raise ValueError(f"the LoRA route names {len(which)} tokens but this layer got {len(flat)}: code that "
+                             "runs a layer on some of the tokens must route those (LoraRoute.using)")
         delta = out.new_zeros(flat.shape[0], out.shape[-1])
         for i, name in enumerate(self.adapters):
             # every adapter joins the graph, with no rows too: data-parallel ranks whose batches hold different

@@ -8,7 +8,7 @@ from models.ima import (
     PerceptualSkipping, SkipConfig, alignment_scores, capture_hidden_states, decoder_layers, measure_alignment,
     pool_examples, skipped_layers, token_layer_flops,
 )
-from models.multimodal_lm import MultimodalLM, MultimodalLMConfig
+from models.multimodal_lm import LoraConfig, MultimodalLM, MultimodalLMConfig
 from models.vocabulary import JointVocabulary
 
 VOCAB = JointVocabulary(text_size=24, codebooks={"image": 16})
@@ -148,6 +148,25 @@ def test_a_skipped_layer_gives_perceptual_tokens_h_plus_self_attention_of_the_no
         attention = layer.self_attn(hidden_states=layer.input_layernorm(h[1]), attention_mask=None,
                                     position_embeddings=rotary)[0]
     assert torch.allclose(h[2][:, CODES], (h[1] + attention)[:, CODES], atol=1e-6)
+
+
+def test_the_ffn_run_on_the_kept_tokens_routes_them_through_their_own_lora_adapters():
+    """Per-modality LoRA routes every token; the FFN run on the kept tokens alone must route those alone."""
+    torch.manual_seed(1)
+    model = MultimodalLM(MultimodalLMConfig(vocabulary=VOCAB.to_dict(), lora=LoraConfig(
+        rank=2, targets=["q_proj", "gate_proj", "up_proj", "down_proj"])), llm=llama()).eval()
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "lora_b_" in name:
+                p.normal_(std=0.5)
+    ids = torch.tensor([ROW])
+    plain = logits_of(model, ids)
+    last_only = torch.zeros(1, len(ROW), dtype=torch.bool)
+    last_only[0, -1] = True       # every earlier token (text, the image block, the text after it) is kept
+    with PerceptualSkipping(model, SkipConfig(start_layer=0)) as skipping:
+        skipped = logits_of(model, ids, skipping, mask=last_only)
+    assert torch.allclose(skipped[:, :-1], plain[:, :-1], atol=1e-5)
+    assert not torch.allclose(skipped[:, -1], plain[:, -1], atol=1e-3)
 
 
 def test_skipping_attention_too_passes_perceptual_tokens_through_the_layer():
