@@ -77,7 +77,7 @@ class ExportedModel:
     def model(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
         """The MultimodalLM: the base LLM from `base_llm`, the joint tables from this folder."""
         from models.configuration import config_from_dict
-        from models.multimodal_lm import LoraConfig, MultimodalLM, MultimodalLMConfig
+        from models.multimodal_lm import MultimodalLM, MultimodalLMConfig
         from models.pretrained import load_weights_into
 
         config = config_from_dict(MultimodalLMConfig, {**self.config, "base_llm": self.base_llm})
