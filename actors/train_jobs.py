@@ -122,6 +122,7 @@ class TealConfig:
     model: dict[str, Any] = field(default_factory=dict)   # MultimodalLMConfig fields beyond the above
     loop: LoopConfig = field(default_factory=LoopConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    cache_max_mb: float = 1024.0       # a stage's shards up to this size are read once, then shuffled by row
 
 
 def _text_special_ids(text_tokenizer: str) -> list[int]:
@@ -173,7 +174,7 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
                                              "steps": stage.steps})
         if stage.lr is not None:
             loop.optim = OptimOptions(**{**config_to_dict(loop.optim), "lr": stage.lr})
-        data = DataConfig(kind="sequences", path=cfg.data, mix=stage.mix)
+        data = DataConfig(kind="sequences", path=cfg.data, mix=stage.mix, cache_max_mb=cfg.cache_max_mb)
         datasets = {"train": sequence_dataset(data, "train")}
         if (Path(cfg.data) / "val").is_dir():
             datasets["val"] = sequence_dataset(data, "val")

@@ -1,0 +1,51 @@
+"""What a TEAL stage reads: the prepared shards, weighted by the stage's mix, on a real local Ray."""
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from actors.train_data import DataConfig, sequence_dataset
+
+LENGTH = 8
+
+
+def _write_shard(folder: Path, name: str, markers: list[int]) -> None:
+    """Packed rows as prepare writes them, each row's ids all equal to its marker."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([{"input_ids": [m] * LENGTH, "loss_mask": [1] * LENGTH,
+                                          "doc_ids": [0] * LENGTH, "position_ids": list(range(LENGTH))}
+                                         for m in markers]), folder / name)
+
+
+@pytest.fixture
+def prepared(tmp_path) -> Path:
+    _write_shard(tmp_path / "train", "part-00000-image-0000.parquet", list(range(40)))
+    _write_shard(tmp_path / "train", "part-00001-audio-0000.parquet", list(range(1000, 1010)))
+    return tmp_path
+
+
+def _markers(ds) -> list[int]:
+    return [int(row["input_ids"][0]) for row in ds.iter_rows()]
+
+
+def test_a_mix_weighs_each_modality_and_interleaves_them_the_same_way_every_epoch(ray_local, prepared):
+    ds = sequence_dataset(DataConfig(path=str(prepared), mix={"image": 1, "audio": 2}), "train")
+    first, second = _markers(ds), _markers(ds)
+    assert sorted(first) == list(range(40)) + sorted(2 * list(range(1000, 1010)))
+    assert first == second                       # a resumed run reads what the uninterrupted one would
+    # shuffled by row: audio rows (a third of the epoch) are spread through it, not read after every image row
+    assert sum(m >= 1000 for m in first[:30]) >= 5 and sum(m >= 1000 for m in first[30:]) >= 5
+
+
+def test_small_data_is_read_into_the_object_store_once_and_larger_data_streams(ray_local, prepared):
+    config = DataConfig(path=str(prepared), mix={"image": 1, "audio": 1})
+    cached = sequence_dataset(config, "train")
+    streamed = sequence_dataset(replace(config, cache_max_mb=0), "train")
+    assert sorted(_markers(streamed)) == sorted(_markers(cached))
+    for shard in (prepared / "train").iterdir():      # later epochs must not need the files any more ...
+        shard.unlink()
+    assert len(_markers(cached)) == 50
+    with pytest.raises(Exception):                    # ... as a streamed epoch does
+        _markers(streamed)
