@@ -41,9 +41,10 @@ class DataConfig:
     max_text_tokens: int = 16       # pairs: a caption's ids at most; text: the packed rows' length
     limits: MediaLimits = field(default_factory=MediaLimits)
     seed: int = 0
-    cache_max_mb: float = 1024.0    # sequences: shards (times their mix weights) up to this size are read once
-                                    # into Ray's object store and shuffled by row each epoch; larger ones stream
-                                    # from storage each epoch, in shuffled block order. 0: always stream
+    cache_max_mb: float = 1024.0    # data up to this size (sequences: the shards times their mix weights; media:
+                                    # the rows preprocessed, at the limits) is read once into Ray's object store
+                                    # and shuffled by row each epoch; larger data streams from storage each
+                                    # epoch, in a shuffled block order. 0: always stream
 
 
 # --- driver side: datasets ---------------------------------------------------------------------------
@@ -93,8 +94,22 @@ def sequence_dataset(cfg: DataConfig, split: str) -> ray.data.Dataset:
         parts += [ds] * whole
         if rest > 1e-9:
             parts.append(ds.random_sample(rest, seed=cfg.seed))
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return ds.random_shuffle(seed=cfg.seed) if cached else ds.randomize_block_order(seed=cfg.seed)
+    return _epoch_order(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], cached, cfg.seed)
+
+
+def _epoch_order(ds: ray.data.Dataset, cached: bool, seed: int) -> ray.data.Dataset:
+    """Every epoch in the same shuffled order (a resumed run reads what the uninterrupted one would): by row when
+    the data is in the object store, by block when it streams."""
+    return ds.random_shuffle(seed=seed) if cached else ds.randomize_block_order(seed=seed)
+
+
+def _preprocessed_bytes_at_most(modality: str, preprocess: PreprocessConfig) -> int:
+    """One preprocessed row's size at the limits, in float32: what keeping a media split in memory costs a row."""
+    if modality == "image":
+        return 3 * preprocess.image.size ** 2 * 4
+    if modality == "audio":
+        return int(preprocess.audio.max_seconds * preprocess.audio.sample_rate) * 4
+    return preprocess.video.max_frames * 3 * preprocess.video.size ** 2 * 4
 
 
 def _ok_rows(batch: pa.Table) -> pa.Table:
@@ -103,17 +118,20 @@ def _ok_rows(batch: pa.Table) -> pa.Table:
 
 def media_dataset(cfg: DataConfig, split: str, preprocess: PreprocessConfig) -> ray.data.Dataset:
     """The manifest's rows of one modality and split, read and preprocessed on CPU tasks; bad rows are dropped
-    here (`anytoken prepare` is where they are recorded)."""
+    here (`anytoken prepare` is where they are recorded). A split that fits cfg.cache_max_mb is decoded once, not
+    every epoch."""
     rows = [{**r, "index": i} for i, r in enumerate(manifest_rows(cfg.path, None, "train"))
             if r["modality"] == cfg.modality and r["split"] == split]
     if not rows:
         raise ValueError(f"{cfg.path} has no {cfg.modality} rows in split {split!r}")
     table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
-    return (ray.data.from_arrow(table)
-            .map_batches(read_media, batch_format="pyarrow", num_cpus=0)
-            .map_batches(preprocess_media, batch_format="pyarrow", fn_kwargs={"config": preprocess})
-            .map_batches(_ok_rows, batch_format="pyarrow", num_cpus=0)
-            .select_columns(["id", "data", "text"]))
+    ds = (ray.data.from_arrow(table)
+          .map_batches(read_media, batch_format="pyarrow", num_cpus=0)
+          .map_batches(preprocess_media, batch_format="pyarrow", fn_kwargs={"config": preprocess})
+          .map_batches(_ok_rows, batch_format="pyarrow", num_cpus=0)
+          .select_columns(["id", "data", "text"]))
+    cached = len(rows) * _preprocessed_bytes_at_most(cfg.modality, preprocess) <= cfg.cache_max_mb * 2 ** 20
+    return _epoch_order(ds.materialize() if cached else ds, cached, cfg.seed)
 
 
 def text_dataset(cfg: DataConfig, split: str) -> ray.data.Dataset:

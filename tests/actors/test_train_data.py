@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actors.train_data import DataConfig, sequence_dataset
+from actors.train_data import DataConfig, media_dataset, sequence_dataset
 
 LENGTH = 8
 
@@ -49,3 +49,21 @@ def test_small_data_is_read_into_the_object_store_once_and_larger_data_streams(r
     assert len(_markers(cached)) == 50
     with pytest.raises(Exception):                    # ... as a streamed epoch does
         _markers(streamed)
+
+
+def test_a_small_media_split_is_decoded_once_and_later_epochs_need_no_files(ray_local, tmp_path):
+    from actors.tokenize import PreprocessConfig
+    from models.preprocess import ImagePreprocessConfig
+    from workflows.demo_data import DemoDataConfig, build_demo_data
+
+    build_demo_data(DemoDataConfig(out=str(tmp_path / "data"), images=20, audio_per_digit=0, videos=0, seed=1))
+    config = DataConfig(kind="media", path=str(tmp_path / "data" / "manifest.jsonl"), modality="image")
+    preprocess = PreprocessConfig(image=ImagePreprocessConfig(size=16))
+    cached = media_dataset(config, "train", preprocess)
+    streamed = media_dataset(replace(config, cache_max_mb=0), "train", preprocess)
+    ids = sorted(row["id"] for row in cached.iter_rows())
+    assert len(ids) >= 10 and ids == sorted(row["id"] for row in streamed.iter_rows())
+    for image in (tmp_path / "data").rglob("*.png"):
+        image.unlink()
+    assert sorted(row["id"] for row in cached.iter_rows()) == ids
+    assert list(streamed.iter_rows()) == []          # a streamed epoch reads the files again: all missing now
