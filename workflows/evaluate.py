@@ -129,11 +129,11 @@ class Evaluation:
         scores = rank_answers(model or self.model, prompts, candidates, self.cfg.batch_size, before_forward)
         predicted = scores.argmax(1)
         result: dict[str, Any] = {"examples": len(rows), "chance": CHANCE[modality],
-                                  "ranked_accuracy": float((predicted == labels).float().mean())}
+                                  "ranked_accuracy": share(predicted == labels)}
         if modality == "video":
             per = len(DIRECTIONS)
-            result["digit_accuracy"] = float((predicted // per == labels // per).float().mean())
-            result["direction_accuracy"] = float((predicted % per == labels % per).float().mean())
+            result["digit_accuracy"] = share(predicted // per == labels // per)
+            result["direction_accuracy"] = share(predicted % per == labels % per)
         if free:
             params = [SamplingParams(max_new_tokens=16, temperature=0.0)] * len(prompts)
             replies = [self.decoder.decode(g.ids).text for g in self.generator.generate(prompts, params)]
@@ -418,6 +418,11 @@ def plot_ima(ima: dict[str, Any], skipping: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def share(hits: torch.Tensor) -> float:
+    """The fraction of true entries, exactly (a float32 mean makes 54 of 60 0.89999998, short of a 90 % goal)."""
+    return int(hits.sum()) / hits.numel()
 
 
 def pct(x: float | None) -> str:

@@ -41,3 +41,12 @@ def test_evaluate_writes_every_section_and_figure(small_demo_data, tiny_exported
 def test_evaluate_names_a_missing_model(small_demo_data, tmp_path):
     assert evaluate.main([f"--model={tmp_path / 'nothing'}", f"--data={small_demo_data}",
                           f"--out={tmp_path / 'eval'}"]) == 1
+
+
+def test_a_goal_reached_exactly_is_met():
+    import torch
+
+    spoken = evaluate.share(torch.arange(60) < 54)          # 54 of 60 clips right: 90 %, not 89.99998 %
+    assert spoken == 0.9
+    assert evaluate.goal_line("spoken digit", spoken, 0.9).endswith("| met |")
+    assert "missed by 1.7 points" in evaluate.goal_line("spoken digit", evaluate.share(torch.arange(60) < 53), 0.9)
