@@ -347,9 +347,10 @@ def metric_files(cfg: EvaluateConfig) -> list[Path]:
     if cfg.curves:
         return [Path(c) for c in cfg.curves]
     root = Path(cfg.model).parent
-    skip = {"ray", "prepared", f"{Path(cfg.model).name}.stages"}
     found = sorted(root.glob("*/metrics.jsonl")) + sorted(root.glob("*/*/metrics.jsonl"))
-    return [p for p in found if p.relative_to(root).parts[0] not in skip and p.stat().st_size > 0]
+    # a TEAL run's NAME.stages/ exports repeat what NAME/metrics.jsonl holds for every stage
+    return [p for p in found if p.relative_to(root).parts[0] not in {"ray", "prepared"}
+            and not p.relative_to(root).parts[0].endswith(".stages") and p.stat().st_size > 0]
 
 
 def plot_curves(files: list[Path], path: Path) -> list[str]:

@@ -50,3 +50,12 @@ def test_a_goal_reached_exactly_is_met():
     assert spoken == 0.9
     assert evaluate.goal_line("spoken digit", spoken, 0.9).endswith("| met |")
     assert "missed by 1.7 points" in evaluate.goal_line("spoken digit", evaluate.share(torch.arange(60) < 53), 0.9)
+
+
+def test_loss_curves_come_from_every_run_once(tmp_path):
+    for run in ("model", "model.stages/image", "model_dynamic", "model_dynamic.stages/image", "tokenizers/image",
+                "ray/demo-llm", "prepared/parts"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    found = evaluate.metric_files(evaluate.EvaluateConfig(model=str(tmp_path / "model")))
+    assert [str(p.relative_to(tmp_path).parent) for p in found] == ["model", "model_dynamic", "tokenizers/image"]
