@@ -55,6 +55,7 @@ class PrepareConfig:
     sequences: SequenceConfig = field(default_factory=SequenceConfig)
     limits: MediaLimits = field(default_factory=MediaLimits)
     preprocess_num_cpus: float = 1.0
+    read_tasks: int = 4                  # file reads at once: each holds no CPU slot, but is a worker process
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     label_selector: dict[str, str] = field(default_factory=dict)   # nodes of every task and actor, e.g. {pool: data}
     rows_per_part: int = 2000
@@ -142,8 +143,10 @@ def _run_part(part: Part, cfg: PrepareConfig, actor_kwargs: dict[str, Any],
               preprocess: PreprocessConfig) -> list[dict[str, Any]]:
     """Every row of the part after the pipeline, media dropped: good rows with documents, bad rows with errors."""
     ds = (_part_dataset(part, cfg)
-          # reading bytes holds no CPU slot: the tokenizer pool may fill every core without starving its input
+          # reading bytes holds no CPU slot, so the tokenizer pool may fill every core without starving its input;
+          # a bounded pool of reading tasks, or Ray starts a worker process (torch imported) for every block at once
           .map_batches(read_media, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size, num_cpus=0,
+                       compute=ray.data.TaskPoolStrategy(size=cfg.read_tasks),
                        fn_kwargs={"media": list(actor_kwargs["tokenizers"])}, **_placement(cfg))
           .map_batches(preprocess_media, batch_format="pyarrow", batch_size=cfg.tokenize.batch_size,
                        num_cpus=cfg.preprocess_num_cpus, fn_kwargs={"config": preprocess}, **_placement(cfg))
@@ -289,8 +292,8 @@ def check_config(cfg: PrepareConfig) -> None:
         raise ValueError("sequences.understanding_fraction and generation_fraction cannot both be 0")
     if seq.context_length < 8:
         raise ValueError(f"sequences.context_length must be at least 8, got {seq.context_length}")
-    if cfg.rows_per_part < 1 or cfg.tokenize.batch_size < 1 or cfg.tokenize.concurrency < 1:
-        raise ValueError("rows_per_part, tokenize.batch_size and tokenize.concurrency must be at least 1")
+    if min(cfg.rows_per_part, cfg.tokenize.batch_size, cfg.tokenize.concurrency, cfg.read_tasks) < 1:
+        raise ValueError("rows_per_part, tokenize.batch_size, tokenize.concurrency and read_tasks must be at least 1")
 
 
 def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:

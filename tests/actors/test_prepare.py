@@ -178,6 +178,47 @@ def test_bad_input_is_rejected_with_its_reason_and_the_rest_is_tokenized(ray_loc
     assert all(m for m in messages)
 
 
+def _most_processes_at_once(title: str, work) -> tuple[object, int]:
+    """Run `work()` while counting, every few milliseconds, the processes whose title holds `title` (Ray names a
+    worker process after the task it is running); returns work's result and the largest count seen."""
+    import threading
+
+    import psutil
+
+    def count() -> int:
+        seen = 0
+        for proc in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error, TypeError):
+                seen += title in " ".join(proc.info["cmdline"] or [])
+        return seen
+
+    most, done = [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            most[0] = max(most[0], count())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = work()
+    finally:
+        done.set()
+        watcher.join()
+    return result, most[0]
+
+
+def test_files_are_read_by_a_bounded_pool_of_tasks(ray_local, inputs, tmp_path):
+    # one row per block: unbounded, Ray starts a worker process (torch imported) for every block at once, and on
+    # 2 cores those start-ups cost more than the whole preparation
+    cfg = config(inputs, tmp_path / "out")
+    cfg.tokenize.batch_size, cfg.read_tasks, cfg.rows_per_part = 2, 2, 1000
+    stats, most = _most_processes_at_once("MapBatches(read_media)", lambda: run_prepare(cfg))
+    assert stats["ok_rows"] + stats["error_rows"] == stats["input_rows"] > 40
+    assert 1 <= most <= cfg.read_tasks
+
+
 def test_rows_of_a_modality_without_a_tokenizer_are_rejected_before_reading_and_counted(ray_local, inputs,
                                                                                         tmp_path):
     import shutil
