@@ -56,10 +56,6 @@ def _prepare(out: str, tokenizers: str) -> Callable[[Path], list[str]]:
                       "--tokenizers", str(o / tokenizers), "--text-tokenizer", str(o / "text_tokenizer")]
 
 
-def _with(args: Callable[[Path], list[str]], extra: Callable[[Path], list[str]]) -> Callable[[Path], list[str]]:
-    return lambda o: args(o) + extra(o)
-
-
 DATA = "data.path={o}/data/manifest.jsonl"   # every job that reads the demo manifest
 SMOKE_LOOP = ["loop.log_every=5", "loop.checkpoint_every=10"]
 SMOKE_IMAGE_STAGE = "{name: image, train: [special, image], mix: {image: 1}, steps: 10}"
