@@ -404,6 +404,7 @@ def plot_ima(ima: dict[str, Any], skipping: dict[str, Any], path: Path) -> None:
         axes[1].plot(xs, ys, marker="o")
         for s, x, y in zip(ima["stages"], xs, ys):
             axes[1].annotate(s["stage"], (x, y), fontsize=8)
+    axes[1].xaxis.set_major_locator(plt.MaxNLocator(4))   # scores differ in the third decimal: labels collide
     axes[1].set_xlabel("IMA score")
     axes[1].set_ylabel("image understanding accuracy")
     axes[1].set_title("alignment vs accuracy across stages")
