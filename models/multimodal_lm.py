@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.document_attention import DOCUMENT_ATTENTION, documents
 from models.lora import LoraRoute, apply_lora
 from models.pretrained import Pretrained
 from models.sea import SeaConfig, SeaLabeler, sea_contrastive_loss
@@ -78,15 +79,6 @@ def load_base_llm(path: str) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(path)
 
 
-def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document ids (-1 = padding) -> (B, 1, T, T) bool: attend causally within one's own document."""
-    t = doc_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    itself = torch.eye(t, dtype=torch.bool, device=doc_ids.device)   # padding attends to itself only
-    return ((same & causal & (doc_ids[:, :, None] >= 0)) | itself)[:, None]
-
-
 class MultimodalLM(Pretrained):
     kind = "multimodal_lm"
     config_class = MultimodalLMConfig
@@ -101,6 +93,8 @@ class MultimodalLM(Pretrained):
             raise ValueError(f"the vocabulary's text range ({self.vocab.text_size}) exceeds the LLM's {llm_vocab} ids: "
                              "prepare the data with this LLM's tokenizer")
         self.llm.requires_grad_(False)
+        # packed rows attend within each document (models/document_attention.py); elsewhere it is SDPA
+        self.llm.set_attn_implementation(DOCUMENT_ATTENTION)
         d = self.llm.get_input_embeddings().embedding_dim
         sizes = {"special": len(SPECIAL_TOKENS), **self.vocab.codebooks}
         self.table_names = list(sizes)
@@ -244,9 +238,9 @@ class MultimodalLM(Pretrained):
         if position_ids is None:
             position_ids = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         embeds = self.embed(ids) if embeds is None else embeds
-        with self.lora_route.using(self.lora_routes(ids, doc_ids)):
-            out = self.llm(inputs_embeds=embeds, attention_mask=block_causal_mask(doc_ids),
-                           position_ids=position_ids, output_hidden_states=True, use_cache=False)
+        with self.lora_route.using(self.lora_routes(ids, doc_ids)), documents(doc_ids):
+            out = self.llm(inputs_embeds=embeds, position_ids=position_ids, output_hidden_states=True,
+                           use_cache=False)
         hidden = out.hidden_states[-1]
         return hidden, self.joint_logits(hidden, out.logits)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.multimodal_lm import LoraConfig, MultimodalLM, MultimodalLMConfig, block_causal_mask
+from models.multimodal_lm import LoraConfig, MultimodalLM, MultimodalLMConfig
 from models.sea import SeaConfig
 from models.sequences import Document, media_text_documents, pack_documents
 from models.vocabulary import JointVocabulary
@@ -59,9 +59,28 @@ def test_a_document_in_a_packed_row_sees_only_itself(tiny_llm_path, vocab):
         together = model.hidden_and_logits(packed, docs, positions)[1]
         alone = model.hidden_and_logits(second)[1]
     assert torch.allclose(together[:, 3:], alone, atol=1e-5)
-    mask = block_causal_mask(torch.tensor([[0, 0, 1, -1]]))[0, 0]
-    assert mask.tolist() == [[True, False, False, False], [True, True, False, False],
-                             [False, False, True, False], [False, False, False, True]]
+
+
+def test_a_packed_forward_never_attends_across_a_row(tiny_llm_path, vocab, monkeypatch):
+    """The point of it: SDPA sees documents, not 1,000-token rows of which it would discard most pairs."""
+    model = make_model(tiny_llm_path, vocab).eval()
+    row, docs, positions = [], [], []
+    for d in range(12):                               # twelve 5-token documents in one 60-token row
+        row += [4 + d, vocab.special_id("[IMG]"), vocab.codebook_range("image").start + d, 7, 8]
+        docs += [d] * 5
+        positions += list(range(5))
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda q, k, *a, **kw: seen.append(k.shape[-2]) or
+                        sdpa(q, k, *a, **kw))
+    ids = torch.tensor([row])
+    with torch.no_grad():
+        packed = model.hidden_and_logits(ids, torch.tensor([docs]), torch.tensor([positions]))[1]
+    assert seen and max(seen) == 5
+    seen.clear()
+    with torch.no_grad():
+        alone = model.hidden_and_logits(ids[:, 10:15])[1]          # without packing: plain SDPA over the document
+    assert seen and torch.allclose(packed[:, 10:15], alone, atol=1e-5)
 
 
 def test_training_moves_only_the_joint_tables_and_learns(tiny_llm_path, vocab, text_tokenizer_path):
