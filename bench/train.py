@@ -38,8 +38,9 @@ from models.vocabulary import JointVocabulary
 SETTINGS = [(1, 0), (1, 2), (1, 3), (2, 0), (2, 2), (2, 3)]
 
 
-def make_inputs(folder: Path, args: argparse.Namespace) -> tuple[str, dict]:
-    """A frozen Llama of the asked shape, its tokenizer, and packed shards of random image-caption pairs."""
+def make_inputs(folder: Path, args: argparse.Namespace) -> tuple[str, dict, float]:
+    """A frozen Llama of the asked shape, its tokenizer, packed shards of random image-caption pairs, and how
+    many keys a position attends to on average (attention stays within a document)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_level_tokenizer()
@@ -63,7 +64,8 @@ def make_inputs(folder: Path, args: argparse.Namespace) -> tuple[str, dict]:
                                   for r in rows])
     (folder / "data" / "train").mkdir(parents=True)
     pq.write_table(table, folder / "data" / "train" / "part-00000-image-0000.parquet")
-    return str(folder / "llm"), vocab.to_dict()
+    keys = [p + 1 for r in rows for p, d in zip(r.position_ids, r.doc_ids) if d >= 0]
+    return str(folder / "llm"), vocab.to_dict(), sum(keys) / len(keys)
 
 
 def build(llm: str, vocabulary: dict) -> MultimodalLM:
@@ -72,15 +74,16 @@ def build(llm: str, vocabulary: dict) -> MultimodalLM:
     return model
 
 
-def flops_per_position(model: MultimodalLM, context: int) -> float:
-    """Training FLOPs per sequence position: forward 2N + attention, backward the same for activation
-    gradients (the LLM is frozen) plus 2 per trainable matmul weight; N counts matmul weights, not lookups."""
+def flops_per_position(model: MultimodalLM, keys: float) -> float:
+    """Training FLOPs per sequence position: forward 2N + attention over `keys` keys (its document's tokens up
+    to it), backward the same for activation gradients (the LLM is frozen) plus 2 per trainable matmul weight;
+    N counts matmul weights, not lookups."""
     embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     matmul = [p for p in model.parameters() if id(p) not in embeddings and p.ndim == 2]
     n = sum(p.numel() for p in matmul)
     trainable = sum(p.numel() for p in matmul if p.requires_grad)
     config = model.llm.config
-    attention = 4 * config.num_hidden_layers * context * config.hidden_size / 2    # QK^T and AV, causal half
+    attention = 4 * config.num_hidden_layers * keys * config.hidden_size    # QK^T and AV
     return 2 * (2 * n + attention) + 2 * trainable
 
 
@@ -117,11 +120,12 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(args.out).resolve()
     shutil.rmtree(folder, ignore_errors=True)
-    llm, vocabulary = make_inputs(folder, args)
+    llm, vocabulary, keys = make_inputs(folder, args)
     model = build(llm, vocabulary)
-    per_position = flops_per_position(model, args.context)
+    per_position = flops_per_position(model, keys)
     peak = matmul_peak(args.use_gpu)
     result = {"context": args.context, "hidden": args.hidden, "layers": args.layers,
+              "keys_per_position": round(keys, 1),
               "parameters": sum(p.numel() for p in model.parameters()),
               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
               "micro_batch_per_worker": args.micro_batch, "matmul_peak_gflops_per_worker": round(peak / 1e9, 2)}
