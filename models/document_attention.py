@@ -29,6 +29,7 @@ DOCUMENT_ATTENTION = "anytoken_documents"
 class Bucket:
     index: torch.Tensor     # (n, L) positions in the flattened (B*T) batch; padding repeats a real position
     real: torch.Tensor      # (n, L) bool: which entries are a document's own tokens
+    positions: torch.Tensor  # index[real]: where the real entries' outputs go (computed once, read every layer)
 
 
 def document_buckets(doc_ids: torch.Tensor, growth: float = 2.0) -> list[Bucket]:
@@ -52,7 +53,8 @@ def document_buckets(doc_ids: torch.Tensor, growth: float = 2.0) -> list[Bucket]
         offsets = torch.arange(longest, device=flat.device)
         first = torch.tensor(starts[i:j], device=flat.device)[:, None]
         real = offsets[None] < torch.tensor(lengths[i:j], device=flat.device)[:, None]
-        buckets.append(Bucket(index=torch.where(real, first + offsets, first), real=real))
+        index = torch.where(real, first + offsets, first)
+        buckets.append(Bucket(index=index, real=real, positions=index[real]))
         i = j
     return buckets
 
@@ -88,7 +90,7 @@ def document_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
             q[bucket.index].transpose(1, 2), k[bucket.index].transpose(1, 2), v[bucket.index].transpose(1, 2),
             dropout_p=dropout if module.training else 0.0, scale=scaling, is_causal=True)   # (n, H, L, D)
         # a document's padding sits after its tokens, so causal attention keeps it out of their outputs
-        out = out.index_copy(0, bucket.index[bucket.real], got.transpose(1, 2)[bucket.real])
+        out = out.index_copy(0, bucket.positions, got.transpose(1, 2)[bucket.real])
     return out.view(b, t, h, -1), None
 
 

@@ -25,7 +25,7 @@ DOCS = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, -1, -1],
 
 def test_buckets_hold_every_position_once_and_documents_of_similar_length():
     buckets = document_buckets(DOCS)
-    placed = torch.cat([b.index[b.real] for b in buckets])
+    placed = torch.cat([b.positions for b in buckets])
     assert sorted(placed.tolist()) == list(range(DOCS.numel()))
     for b in buckets:
         lengths = b.real.sum(1)
