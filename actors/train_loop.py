@@ -325,11 +325,11 @@ def _worker_loop(job: dict[str, Any]) -> dict[str, Any]:
 
     model = job["build"]()
     digest_before = frozen_digest(model) if rank == 0 else ""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    groups = model.optimizer_groups()          # (parameters, learning-rate multiple); the base rate's first
+    if not any(params for params, _ in groups):
         raise ValueError("nothing to train: the model has no parameter with requires_grad")
-    optimizer = torch.optim.AdamW(trainable, lr=loop.optim.lr, betas=tuple(loop.optim.betas),
-                                  weight_decay=loop.optim.weight_decay)
+    optimizer = torch.optim.AdamW([{"params": params, "lr": loop.optim.lr * scale} for params, scale in groups],
+                                  lr=loop.optim.lr, betas=tuple(loop.optim.betas), weight_decay=loop.optim.weight_decay)
     ds_config = deepspeed_config(loop, on_gpu)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,

@@ -38,6 +38,9 @@ class LoraConfig:
     # of the modality whose block it is in or follows within its document, text before any block through none,
     # so a stage on one modality cannot change the model on another. "shared": every token through one adapter.
     adapters: Literal["per_modality", "shared"] = "per_modality"
+    # LoRA+ (Hayou et al., 2024): the B matrices learn at this multiple of the learning rate. B starts at zero and
+    # A at random; at one rate for both, the update B A grows slowly. 1: plain LoRA.
+    b_lr_ratio: float = 1.0
 
 
 @dataclass
@@ -176,6 +179,14 @@ class MultimodalLM(Pretrained):
             for p in available[g]:
                 p.requires_grad_(True)
         return chosen
+
+    def optimizer_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The trainable parameters at the base rate, and LoRA's B matrices at lora.b_lr_ratio times it."""
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        faster = [p for n, p in trainable if ".lora_b_" in n] if self.config.lora.b_lr_ratio != 1 else []
+        chosen = {id(p) for p in faster}
+        groups = [([p for _, p in trainable if id(p) not in chosen], 1.0), (faster, self.config.lora.b_lr_ratio)]
+        return [(params, scale) for params, scale in groups if params]
 
     def saved_state(self) -> dict[str, torch.Tensor]:
         """Everything but the frozen base LLM, which is loaded from its own folder."""

@@ -131,6 +131,11 @@ class Pretrained(nn.Module):
         """The tensors model.safetensors holds: all of them, unless a kind keeps frozen parts elsewhere."""
         return self.state_dict()
 
+    def optimizer_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The trainable parameters as (parameters, learning-rate multiple) groups for the optimiser: one group at
+        the base rate, unless a kind trains some parts faster (LoRA+ in the TEAL model)."""
+        return [([p for p in self.parameters() if p.requires_grad], 1.0)]
+
     def start_from(self, other: "Pretrained") -> None:
         """Take the weights of a model of another kind; kinds that can override this."""
         raise ValueError(f"a {self.kind!r} cannot start from a {other.kind!r} folder")

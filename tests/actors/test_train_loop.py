@@ -16,7 +16,7 @@ from actors.train_data import DataConfig, sequence_dataset
 from actors.train_loop import (CheckpointError, DeepSpeedOptions, Fault, Job, LoopConfig, OptimOptions, fit,
                                lr_factor, verify_checkpoint)
 from models import load_pretrained
-from models.multimodal_lm import MultimodalLM, MultimodalLMConfig
+from models.multimodal_lm import LoraConfig, MultimodalLM, MultimodalLMConfig
 from models.sequences import media_text_documents, pack_documents
 from models.vocabulary import JointVocabulary
 
@@ -94,6 +94,31 @@ def test_zero_trains_the_joint_embedding_and_leaves_the_llm_alone(ray_local, sha
         loss = model.training_step({k: batch[k] for k in ("input_ids", "loss_mask", "doc_ids", "position_ids")})
     assert loss.metrics["lm_loss"] < losses[0] * 0.6
     assert (result.export / "metrics.jsonl").read_text().count("\n") == len(result.history)
+
+
+def build_lora_plus(llm: str, vocabulary: dict) -> MultimodalLM:
+    torch.manual_seed(0)
+    model = MultimodalLM(MultimodalLMConfig(base_llm=llm, vocabulary=vocabulary, text_special_ids=[0, 1],
+                                            lora=LoraConfig(rank=2, b_lr_ratio=8.0)))
+    model.set_trainable(["image", "lora.image"])
+    return model
+
+
+@pytest.mark.slow
+def test_lora_b_matrices_learn_at_their_multiple_of_the_rate(ray_local, shards, tiny_llm_path, tmp_path):
+    """One step of Adam moves each weight by about lr (its first step is lr * g / |g|): B, which starts at zero,
+    ends at 8 lr where the image table moved at most lr."""
+    vocabulary = json.loads((shards / "vocabulary.json").read_text())
+    data = DataConfig(kind="sequences", path=str(shards))
+    loop = LoopConfig(name="lora-plus", storage_path=str(tmp_path / "ray"), steps=1, micro_batch_size=4,
+                      num_workers=2, optim=OptimOptions(lr=1e-3, warmup_steps=1, grad_clip=0.0))
+    result = fit(Job(build=partial(build_lora_plus, tiny_llm_path, vocabulary), loop=loop, data=data,
+                     datasets={"train": sequence_dataset(data, "train")}), export_to=tmp_path / "export")
+    trained = load_pretrained(result.export).state_dict()
+    start = build_lora_plus(tiny_llm_path, vocabulary).state_dict()
+    b = max(float(trained[n].abs().max()) for n in trained if ".lora_b_image" in n)
+    table = float((trained["embeddings.image.weight"] - start["embeddings.image.weight"]).abs().max())
+    assert b == pytest.approx(8e-3, rel=1e-3) and 0 < table <= 1e-3 * 1.001
 
 
 @pytest.mark.slow

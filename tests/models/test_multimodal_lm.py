@@ -201,6 +201,23 @@ def test_training_one_modalitys_adapter_leaves_the_model_on_other_modalities_unc
     assert image_only == ["lora.image"] and trainable and all(n.endswith("_image") for n in trainable)
 
 
+def test_lora_plus_puts_the_b_matrices_in_a_faster_optimiser_group(tiny_llm_path, vocab):
+    plain = make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2))
+    plain.set_trainable(["image", "lora.image"])
+    assert [(len(params), scale) for params, scale in plain.optimizer_groups()] == \
+        [(sum(p.requires_grad for p in plain.parameters()), 1.0)]
+    model = make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2, b_lr_ratio=16.0))
+    model.set_trainable(["image", "lora.image"])
+    (base, one), (faster, sixteen) = model.optimizer_groups()
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert (one, sixteen) == (1.0, 16.0)
+    assert faster and all(".lora_b_image" in names[id(p)] for p in faster)
+    assert any(".lora_a_image" in names[id(p)] for p in base) and any("embeddings.image" in names[id(p)] for p in base)
+    assert len(base) + len(faster) == sum(p.requires_grad for p in model.parameters())
+    model.set_trainable(["image"])                         # no LoRA trains: one group
+    assert [scale for _, scale in model.optimizer_groups()] == [1.0]
+
+
 def test_decoding_with_the_cache_goes_through_the_same_adapters_as_the_whole_sequence(tiny_llm_path, vocab):
     model = random_adapters(make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2))).eval()
     img, end_img, aud = vocab.special_id("[IMG]"), vocab.special_id("[/IMG]"), vocab.special_id("[AUD]")
