@@ -5,8 +5,9 @@ evaluation, and the model served over HTTP with one request of each kind.
 
 Every step is the real workflow (`anytoken NAME`) with its shipped config, run in this process on one local
 Ray. A step whose output is there is skipped, so a second run picks up where the first stopped; when a step
-runs, the steps after it run again. `--size smoke` runs every step at its smallest (the CI test); `--fresh`
-starts from nothing.
+runs, the steps that read what it made run again (remove `model/` and TEAL, the dynamic-token model that repeats
+its recipe, evaluation and serving run again; the data, tokenizers, CLIP, LLM and shards stay). `--size smoke`
+runs every step at its smallest (the CI test); `--fresh` starts from nothing.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class Step:
     smoke: list[str] = field(default_factory=list)   # overrides for --size smoke
     what: str = ""
     entry: str = "main"                # the function of the module that runs it
+    needs: tuple[str, ...] = ()        # the steps whose outputs it reads: when one of them runs, this one runs too
 
 
 def _train(config: str, *more: str) -> Callable[[Path], list[str]]:
@@ -73,43 +75,54 @@ STEPS = [
          what="real digits (scikit-learn), spoken digits (espeak-ng), moving-digit clips; manifest"),
     Step("text tokenizer", "text_tokenizer",
          lambda o: ["--manifest", str(o / "data/manifest.jsonl"), "--out", str(o / "text_tokenizer")],
-         ["text_tokenizer/tokenizer.json", "text_tokenizer"], what="BPE on the demo texts"),
+         ["text_tokenizer/tokenizer.json", "text_tokenizer"], needs=("data",),
+         what="BPE on the demo texts"),
     Step("image tokenizer", "train_tokenizer",
          _train("image_vq_demo.yaml", DATA, "loop.name=demo-image-vq", "--out", "{o}/tokenizers/image"),
          ["tokenizers/image/model.safetensors", "tokenizers/image", "ray/demo-image-vq"],
-         smoke=["loop.steps=20", *SMOKE_LOOP], what="ImageVQ, Ray Train + DeepSpeed ZeRO-2"),
+         smoke=["loop.steps=20", *SMOKE_LOOP], needs=("data",),
+         what="ImageVQ, Ray Train + DeepSpeed ZeRO-2"),
     Step("video tokenizer", "train_tokenizer",
          _train("video_demo.yaml", "init_from={o}/tokenizers/image", "--out", "{o}/tokenizers/video"),
-         ["tokenizers/video/model.safetensors", "tokenizers/video"], what="frames through the image tokenizer"),
+         ["tokenizers/video/model.safetensors", "tokenizers/video"], needs=("image tokenizer",),
+         what="frames through the image tokenizer"),
     Step("audio tokenizer", "train_tokenizer",
          _train("audio_vq_demo.yaml", DATA, "loop.name=demo-audio-vq", "--out", "{o}/tokenizers/audio"),
          ["tokenizers/audio/model.safetensors", "tokenizers/audio", "ray/demo-audio-vq"],
-         smoke=["loop.steps=20", "loop.micro_batch_size=4", *SMOKE_LOOP], what="AudioVQ, 25 tokens/s"),
+         smoke=["loop.steps=20", "loop.micro_batch_size=4", *SMOKE_LOOP], needs=("data",),
+         what="AudioVQ, 25 tokens/s"),
     Step("CLIP", "train_clip",
          _train("clip_demo.yaml", DATA, "loop.name=demo-clip", "data.text_tokenizer={o}/text_tokenizer", "--out",
                 "{o}/clip"),
          ["clip/model.safetensors", "clip", "ray/demo-clip"], smoke=["loop.steps=20", *SMOKE_LOOP],
+         needs=("data", "text tokenizer"),
          what="labels image tokens with words for SEA"),
     Step("base LLM", "train_llm",
          _train("llm_demo.yaml", DATA, "loop.name=demo-llm", "config.text_tokenizer={o}/text_tokenizer",
                 "data.text_tokenizer={o}/text_tokenizer", "--out", "{o}/llm"),
          ["llm/model.safetensors", "llm", "ray/demo-llm"],
          smoke=["loop.steps=20", "loop.micro_batch_size=32", *SMOKE_LOOP],
+         needs=("data", "text tokenizer"),
          what="a tiny Llama on the demo texts, then frozen"),
     Step("prepare", "prepare", _prepare("prepared", "tokenizers"),
-         ["prepared/stats.json", "prepared"], what="Ray Data: decode, tokenize, both orders, pack, shards"),
+         ["prepared/stats.json", "prepared"],
+         needs=("data", "text tokenizer", "image tokenizer", "video tokenizer", "audio tokenizer"),
+         what="Ray Data: decode, tokenize, both orders, pack, shards"),
     Step("TEAL", "train",
          _train("teal_demo.yaml", "data={o}/prepared", "base_llm={o}/llm", "model.sea.clip={o}/clip", "--out",
                 "{o}/model"),
          ["model/training.json", "model", "model.stages", "ray/demo-teal-"],
          smoke=[f"stages=[{SMOKE_IMAGE_STAGE}, {{name: joint, train: [all], steps: 10}}]", *SMOKE_LOOP],
+         needs=("prepare", "base LLM", "CLIP"),
          what="joint embeddings (and LoRA) over the frozen LLM in X-LLM stages with SEA"),
     Step("dynamic tokenizer", "train_tokenizer",
          _train("dynamic_visual_demo.yaml", DATA, "loop.name=demo-dynamic-visual", "--out", "{o}/tokenizers_dynamic/image"),
          ["tokenizers_dynamic/image/model.safetensors", "tokenizers_dynamic", "ray/demo-dynamic-visual"],
-         smoke=["loop.steps=20", *SMOKE_LOOP], what="LaVIT's selector + merger: fewer tokens per image"),
+         smoke=["loop.steps=20", *SMOKE_LOOP], needs=("data",),
+         what="LaVIT's selector + merger: fewer tokens per image"),
     Step("prepare (dynamic)", "prepare", _prepare("prepared_dynamic", "tokenizers_dynamic"),
          ["prepared_dynamic/stats.json", "prepared_dynamic"],
+         needs=("data", "text tokenizer", "dynamic tokenizer"),
          what="the images again, through the dynamic tokenizer (audio and video: rejected, no tokenizer given)"),
     Step("TEAL (dynamic)", "train",
          _train("teal_demo.yaml", "name=demo-teal-dynamic", "data={o}/prepared_dynamic", "base_llm={o}/llm",
@@ -117,15 +130,18 @@ STEPS = [
                 "--out", "{o}/model_dynamic"),
          ["model_dynamic/training.json", "model_dynamic", "model_dynamic.stages", "ray/demo-teal-dynamic-"],
          smoke=[f"stages=[{SMOKE_IMAGE_STAGE}]", "loop.micro_batch_size=2", *SMOKE_LOOP],   # few rows at smoke size
+         needs=("prepare (dynamic)", "base LLM", "CLIP", "TEAL"),     # the same recipe as TEAL's, to compare
          what="TEAL's image stage again on the dynamic tokens, to compare with the grid model after that stage"),
     Step("evaluate", "evaluate",
          lambda o: ["--model", str(o / "model"), "--data", str(o / "data"), "--out", str(o / "eval"),
                     f"dynamic_tokenizer={o / 'tokenizers_dynamic/image'}", f"dynamic_model={o / 'model_dynamic'}"],
          ["eval/report.json", "eval"], smoke=["max_examples=20", "samples_per_digit=1"],
+         needs=("data", "TEAL", "dynamic tokenizer", "TEAL (dynamic)"),
          what="held-out accuracy, judged generation, reconstructions, IMA, FFN skipping -> report.md"),
     Step("serve", "serve",
          lambda o: ["--model", str(o / "model"), "--data", str(o / "data"), "--out", str(o / "serve")],
          ["serve/results.json", "serve"], entry="requests_main",
+         needs=("data", "TEAL"),
          what="Ray Serve app; image->text, text->image, audio->text, video->text over HTTP; shut down"),
 ]
 
@@ -143,19 +159,26 @@ def _clear(out: Path, outputs: list[str]) -> None:
                 path.unlink()
 
 
+def steps_to_run(out: Path, steps: list[Step] = STEPS) -> list[bool]:
+    """Which steps run: those whose output is missing, and those that need a step that runs."""
+    runs: dict[str, bool] = {}
+    for step in steps:
+        runs[step.name] = not (out / step.outputs[0]).exists() or any(runs[n] for n in step.needs)
+    return list(runs.values())
+
+
 def run_demo(cfg: DemoConfig) -> list[tuple[str, str, float]]:
     """Run (or skip) every step; returns (step, status, seconds)."""
     out = Path(cfg.out).resolve()
     if cfg.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    done, rerun = [], False
-    for i, step in enumerate(STEPS, 1):
-        if not rerun and (out / step.outputs[0]).exists():
+    done = []
+    for i, (step, runs) in enumerate(zip(STEPS, steps_to_run(out)), 1):
+        if not runs:
             logger.info("[%d/%d] %s: done before, skipped (%s)", i, len(STEPS), step.name, out / step.outputs[1])
             done.append((step.name, "skipped", 0.0))
             continue
-        rerun = True                    # what follows was made from what this step changes
         _clear(out, step.outputs)
         argv = _expand(step.args(out), out) + (step.smoke if cfg.size == "smoke" else [])
         logger.info("[%d/%d] %s: %s\n    anytoken %s %s", i, len(STEPS), step.name, step.what,

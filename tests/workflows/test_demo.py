@@ -6,7 +6,24 @@ from pathlib import Path
 
 import pytest
 
-from workflows.demo import STEPS
+from workflows.demo import STEPS, steps_to_run
+
+
+def test_a_step_reruns_what_reads_its_output_and_nothing_else(tmp_path):
+    names = [step.name for step in STEPS]
+    assert all(set(step.needs) <= set(names[:i]) for i, step in enumerate(STEPS))   # earlier steps, real names
+    assert steps_to_run(tmp_path) == [True] * len(STEPS)                               # nothing there: all of it
+    for step in STEPS:
+        (tmp_path / step.outputs[0]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / step.outputs[0]).touch()
+    assert not any(steps_to_run(tmp_path))
+    (tmp_path / "model/training.json").unlink()                      # TEAL again: what uses its model follows
+    assert [n for n, runs in zip(names, steps_to_run(tmp_path)) if runs] == ["TEAL", "TEAL (dynamic)", "evaluate",
+                                                                              "serve"]
+    (tmp_path / "model/training.json").touch()
+    (tmp_path / "tokenizers/image/model.safetensors").unlink()       # the image tokenizer: all that uses its codes
+    assert [n for n, runs in zip(names, steps_to_run(tmp_path)) if runs] == [
+        "image tokenizer", "video tokenizer", "prepare", "TEAL", "TEAL (dynamic)", "evaluate", "serve"]
 
 
 @pytest.mark.slow
