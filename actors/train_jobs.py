@@ -111,6 +111,9 @@ class StageConfig:
     steps: int = 100
     lr: float | None = None            # default: loop.optim.lr
     sea_weight: float | None = None    # SEA's weight in this stage; default: model.sea.weight
+    # LoRA adapters that start the stage as a copy of another: {video: image} starts the video adapter as the
+    # image stage's reader (video frames are image codes)
+    adapters_from: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,8 +147,11 @@ def teal_model_config(cfg: TealConfig) -> dict[str, Any]:
     return config_to_dict(config_from_dict(MultimodalLMConfig, {**cfg.model, **base}))
 
 
-def _build_stage(model_config: dict[str, Any], init_from: str | None, groups: list[str]):
+def _build_stage(model_config: dict[str, Any], init_from: str | None, groups: list[str],
+                 adapters_from: dict[str, str] | None = None):
     model = build_model("multimodal_lm", model_config, init_from)
+    for target, source in (adapters_from or {}).items():      # a resumed stage then loads its checkpoint over it
+        model.copy_adapter(source, target)
     model.set_trainable(groups)
     return model
 
@@ -180,10 +186,11 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
             datasets["val"] = sequence_dataset(data, "val")
         logger.info("stage %d/%d %r: trains %s on %s for %d steps", i + 1, len(cfg.stages), stage.name,
                     stage.train, stage.mix or "every shard", stage.steps)
-        result = fit(Job(build=partial(_build_stage, config, previous, stage.train), loop=loop, data=data,
-                         datasets=datasets), export_to=stages_dir / stage.name)
+        build = partial(_build_stage, config, previous, stage.train, stage.adapters_from)
+        result = fit(Job(build=build, loop=loop, data=data, datasets=datasets), export_to=stages_dir / stage.name)
         previous = str(result.export)
         summary.append({"stage": stage.name, "train": stage.train, "mix": stage.mix, "steps": stage.steps,
+                        "adapters_from": stage.adapters_from,
                         "final_loss": result.history[-1].get("loss") if result.history else None,
                         "val": result.val, "resumed_from": result.resumed_from,
                         "frozen_llm_unchanged": result.frozen_digest_before == result.frozen_digest_after})

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.document_attention import DOCUMENT_ATTENTION, documents
-from models.lora import LoraRoute, apply_lora
+from models.lora import LoRALinear, LoraRoute, apply_lora
 from models.pretrained import Pretrained
 from models.sea import SeaConfig, SeaLabeler, sea_contrastive_loss
 from models.tokenizer import StepOutput
@@ -187,6 +187,18 @@ class MultimodalLM(Pretrained):
         chosen = {id(p) for p in faster}
         groups = [([p for _, p in trainable if id(p) not in chosen], 1.0), (faster, self.config.lora.b_lr_ratio)]
         return [(params, scale) for params, scale in groups if params]
+
+    @torch.no_grad()
+    def copy_adapter(self, source: str, target: str) -> None:
+        """Adapter `target` becomes a copy of adapter `source` (its own tensors: training one leaves the other)."""
+        for name in (source, target):
+            if name not in self.lora_adapters or not self.routed:
+                raise ValueError(f"no LoRA adapter {name!r} to copy (this model's per-modality adapters: "
+                                 f"{self.lora_adapters if self.routed else []})")
+        for module in self.llm.modules():
+            if isinstance(module, LoRALinear):
+                for part in ("a", "b"):
+                    getattr(module, f"lora_{part}_{target}").copy_(getattr(module, f"lora_{part}_{source}"))
 
     def saved_state(self) -> dict[str, torch.Tensor]:
         """Everything but the frozen base LLM, which is loaded from its own folder."""

@@ -218,6 +218,30 @@ def test_lora_plus_puts_the_b_matrices_in_a_faster_optimiser_group(tiny_llm_path
     assert [scale for _, scale in model.optimizer_groups()] == [1.0]
 
 
+def test_an_adapter_copied_from_another_reads_its_block_as_that_one_did(tiny_llm_path, vocab):
+    model = random_adapters(make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2))).eval()
+    code = vocab.codebook_range("image").start
+    frames = [code + 1, code + 2, code + 3]
+    image = torch.tensor([[vocab.special_id("[IMG]"), *frames, 4]])
+    video = torch.tensor([[vocab.special_id("[VID]"), *frames, 4]])        # video frames are image codes
+
+    def after_boundary(ids):      # the hidden states after the boundary token (the boundaries' rows differ)
+        with torch.no_grad():
+            return model.hidden_and_logits(ids, embeds=model.embed(image))[0][:, 1:]
+    assert not torch.allclose(after_boundary(image), after_boundary(video))
+    model.copy_adapter("image", "video")
+    assert torch.allclose(after_boundary(image), after_boundary(video))
+    model.set_trainable(["lora.video"])                   # its own tensors: training it leaves the image adapter
+    before = {n: p.clone() for n, p in model.named_parameters() if n.endswith("_image")}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("_video"):
+                p.add_(1.0)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n.endswith("_image"))
+    with pytest.raises(ValueError, match="no LoRA adapter 'speech'"):
+        model.copy_adapter("speech", "video")
+
+
 def test_decoding_with_the_cache_goes_through_the_same_adapters_as_the_whole_sequence(tiny_llm_path, vocab):
     model = random_adapters(make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2))).eval()
     img, end_img, aud = vocab.special_id("[IMG]"), vocab.special_id("[/IMG]"), vocab.special_id("[AUD]")

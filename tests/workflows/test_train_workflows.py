@@ -157,13 +157,14 @@ def test_train_runs_the_stages_in_order_and_exports_one_model_folder(ray_local, 
                        f"loop.storage_path={tmp_path / 'ray'}", *LOOP, "loop.micro_batch_size=4",
                        "loop.optim.lr=0.03", "model.sea.weight=0.1", "model.sea.clip=null", "model.lora.rank=2",
                        "stages=[{name: image, train: [special, image, lora.image], mix: {image: 1}, steps: 6},"
+                       " {name: copy, train: [special], mix: {image: 1}, steps: 2, adapters_from: {audio: image}},"
                        " {name: joint, train: [all], mix: {image: 1, audio: 1}, steps: 6, lr: 0.01}]"])
     assert code == 0
     for name in ("config.json", "model.safetensors", "vocabulary.json", "tokenizers/image/config.json",
                  "tokenizers/audio/config.json", "text_tokenizer/tokenizer.json", "metrics.jsonl", "training.json"):
         assert (out / name).is_file(), name
     training = json.loads((out / "training.json").read_text())
-    assert [s["stage"] for s in training["stages"]] == ["image", "joint"]
+    assert [s["stage"] for s in training["stages"]] == ["image", "copy", "joint"]
     assert all(s["frozen_llm_unchanged"] for s in training["stages"])
     stages = tmp_path / "model.stages"
     first, last = load_pretrained(stages / "image"), load_pretrained(out)
@@ -178,9 +179,13 @@ def test_train_runs_the_stages_in_order_and_exports_one_model_folder(ray_local, 
         return torch.cat([p.flatten() for n, p in model.llm.named_parameters() if n.endswith(f"lora_b_{name}")])
     assert adapter(first, "image").abs().sum() > 0 and adapter(first, "audio").abs().sum() == 0
     assert adapter(last, "audio").abs().sum() > 0
+    # a stage's adapters_from: the copy stage started the audio adapter as the image stage's image adapter
+    copied = load_pretrained(stages / "copy")
+    assert torch.equal(adapter(copied, "audio"), adapter(first, "image"))
+    assert torch.equal(adapter(copied, "image"), adapter(first, "image"))
     # the exported folder reloads to the model that was trained: the same held-out loss as the run measured
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {line["stage"] for line in lines} == {"image", "joint"}
+    assert {line["stage"] for line in lines} == {"image", "copy", "joint"}
     table = pq.read_table(prepared / "val" / "part-00000-image-0000.parquet")
     batch = {k: torch.tensor(table.column(k).to_pylist()) for k in ("input_ids", "loss_mask", "doc_ids",
                                                                      "position_ids")}
