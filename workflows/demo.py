@@ -159,12 +159,23 @@ def _clear(out: Path, outputs: list[str]) -> None:
                 path.unlink()
 
 
-def steps_to_run(out: Path, steps: list[Step] = STEPS) -> list[bool]:
+def steps_to_run(out: Path) -> list[bool]:
     """Which steps run: those whose output is missing, and those that need a step that runs."""
     runs: dict[str, bool] = {}
-    for step in steps:
+    for step in STEPS:
         runs[step.name] = not (out / step.outputs[0]).exists() or any(runs[n] for n in step.needs)
     return list(runs.values())
+
+
+def clear_what_runs(out: Path) -> list[bool]:
+    """steps_to_run, with the old outputs of every step that runs removed now, before the first one starts: a
+    run stopped half-way then leaves each of them missing, so the next run makes it again instead of keeping what
+    an older model made."""
+    runs = steps_to_run(out)
+    for step, due in zip(STEPS, runs):
+        if due:
+            _clear(out, step.outputs)
+    return runs
 
 
 def run_demo(cfg: DemoConfig) -> list[tuple[str, str, float]]:
@@ -174,12 +185,11 @@ def run_demo(cfg: DemoConfig) -> list[tuple[str, str, float]]:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     done = []
-    for i, (step, runs) in enumerate(zip(STEPS, steps_to_run(out)), 1):
+    for i, (step, runs) in enumerate(zip(STEPS, clear_what_runs(out)), 1):
         if not runs:
             logger.info("[%d/%d] %s: done before, skipped (%s)", i, len(STEPS), step.name, out / step.outputs[1])
             done.append((step.name, "skipped", 0.0))
             continue
-        _clear(out, step.outputs)
         argv = _expand(step.args(out), out) + (step.smoke if cfg.size == "smoke" else [])
         logger.info("[%d/%d] %s: %s\n    anytoken %s %s", i, len(STEPS), step.name, step.what,
                     step.workflow.replace("_", "-"), " ".join(argv))

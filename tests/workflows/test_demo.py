@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from workflows.demo import STEPS, steps_to_run
+from workflows.demo import STEPS, clear_what_runs, steps_to_run
 
 
 def test_a_step_reruns_what_reads_its_output_and_nothing_else(tmp_path):
@@ -22,6 +22,13 @@ def test_a_step_reruns_what_reads_its_output_and_nothing_else(tmp_path):
                                                                               "serve"]
     (tmp_path / "model/training.json").touch()
     (tmp_path / "tokenizers/image/model.safetensors").unlink()       # the image tokenizer: all that uses its codes
+    assert [n for n, runs in zip(names, steps_to_run(tmp_path)) if runs] == [
+        "image tokenizer", "video tokenizer", "prepare", "TEAL", "TEAL (dynamic)", "evaluate", "serve"]
+    # what will run is cleared before anything runs: a run stopped during TEAL leaves no old serve/ or eval/ behind
+    clear_what_runs(tmp_path)
+    assert not (tmp_path / "serve/results.json").exists() and not (tmp_path / "eval").exists()
+    assert not (tmp_path / "tokenizers/video/model.safetensors").exists()
+    assert (tmp_path / "tokenizers_dynamic/image/model.safetensors").exists() and (tmp_path / "llm").is_dir()
     assert [n for n, runs in zip(names, steps_to_run(tmp_path)) if runs] == [
         "image tokenizer", "video tokenizer", "prepare", "TEAL", "TEAL (dynamic)", "evaluate", "serve"]
 
