@@ -173,7 +173,8 @@ class Generator:
     async def generate(self, prompt: list[int], params: SamplingParams) -> Generation:
         params = with_seed(params)
         self.core.check(prompt, params)
-        return await self.whole((prompt, params))
+        draws = await asyncio.gather(*[self.whole((prompt, c)) for c in params.candidates()])   # one batch
+        return await asyncio.to_thread(self.core.pick, prompt, params, draws)
 
 
 async def _in_thread(iterator: Iterator[Any]) -> AsyncIterator[Any]:
@@ -304,7 +305,14 @@ class Ingress:
         params = SamplingParams(
             max_new_tokens=1, temperature=_pick(req.temperature, 1.0), top_p=_pick(req.top_p, 1.0),
             top_k=_pick(req.top_k, 0), seed=req.seed, modalities=modalities,
-            guidance_scale=_pick(req.guidance_scale, 1.0))
+            guidance_scale=_pick(req.guidance_scale, 1.0), best_of=_pick(req.best_of, 1))
+        if params.best_of > 1 and req.stream:
+            raise ApiError(400, "best_of: a reply chosen among several draws cannot be streamed", param="best_of",
+                           code="unsupported_parameter")
+        try:
+            params.validate()
+        except ValueError as err:
+            raise ApiError(400, str(err), code="invalid_value") from None
         return prompt, replace(params, max_new_tokens=self._budget(prompt, params, wanted, info))
 
     def _budget(self, prompt: EncodedPrompt, params: SamplingParams, wanted: int | None, info: dict[str, Any]) -> int:
@@ -428,7 +436,8 @@ class Ingress:
         prompt = await self._encode([req.prompt], ["prompt"])
         params = SamplingParams(1, temperature=_pick(req.temperature, 1.0), top_p=_pick(req.top_p, 1.0),
                                 top_k=_pick(req.top_k, 0), modalities=("image",),
-                                guidance_scale=_pick(req.guidance_scale, self.cfg.default_guidance_scale))
+                                guidance_scale=_pick(req.guidance_scale, self.cfg.default_guidance_scale),
+                                best_of=_pick(req.best_of, 1))
         params = replace(params, max_new_tokens=self._budget(prompt, params, None, info))
         try:
             params.validate()

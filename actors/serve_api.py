@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse
 
-from models.generation import OUTPUT_MODALITIES, Generation
+from models.generation import MAX_BEST_OF, OUTPUT_MODALITIES, Generation
 from models.multimodal_generator import DecodedOutput, EncodedPrompt, MediaPart
 
 
@@ -113,6 +113,7 @@ class ChatRequest(_Schema):
     stream_options: StreamOptions | None = None
     modalities: list[Literal["text", "image", "audio", "video"]] | None = Field(None, min_length=1)
     guidance_scale: float | None = Field(None, ge=1, le=20)
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF)
     stop: str | list[str] | None = None
 
 
@@ -127,6 +128,7 @@ class ImageRequest(_Schema):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     guidance_scale: float | None = Field(None, ge=1, le=20)
+    best_of: int | None = Field(None, ge=1, le=MAX_BEST_OF)
 
 
 def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:

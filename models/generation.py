@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -22,6 +22,7 @@ from models.vocabulary import BOUNDARIES, FRAME_SEPARATOR, JointVocabulary
 logger = logging.getLogger(__name__)
 
 OUTPUT_MODALITIES = ("text", "image", "audio", "video")
+MAX_BEST_OF = 64
 
 
 @dataclass
@@ -33,6 +34,8 @@ class SamplingParams:
     seed: int | None = None            # the same seed and request give the same tokens; None: a fresh seed
     modalities: tuple[str, ...] = ("text",)   # what the reply may hold; one media modality alone forces that block
     guidance_scale: float = 1.0        # classifier-free guidance inside image and video blocks; 1: off
+    best_of: int = 1                   # a media-only reply: draw this many, keep the one the model reads the prompt
+                                       # back from most likely (TokenGenerator.pick); 1: off
 
     def validate(self) -> "SamplingParams":
         """Raise ValueError naming the first bad parameter; returns self."""
@@ -54,7 +57,19 @@ class SamplingParams:
         if "text" not in modalities and len(modalities) > 1:
             raise ValueError(f"modalities {list(modalities)}: without text, ask for exactly one media modality")
         self.modalities = modalities
+        if isinstance(self.best_of, bool) or not isinstance(self.best_of, int) or not 1 <= self.best_of <= MAX_BEST_OF:
+            raise ValueError(f"best_of must be an integer in [1, {MAX_BEST_OF}], got {self.best_of!r}")
+        if self.best_of > 1 and self.forced is None:
+            raise ValueError("best_of > 1 ranks media replies: ask for exactly one media modality (no text)")
         return self
+
+    def candidates(self) -> list["SamplingParams"]:
+        """The best_of draws of this (seeded) request: candidate 0 is the request itself, the others' seeds are
+        spread far apart (image i of n, seeded seed + i, never shares a candidate with image i + 1)."""
+        if self.seed is None:
+            raise ValueError("pin the seed first (with_seed)")
+        return [replace(self, seed=(self.seed + j * 0x9E3779B97F4A7C15) % 2 ** 63, best_of=1)
+                for j in range(self.best_of)]
 
     @property
     def forced(self) -> str | None:
@@ -93,6 +108,7 @@ class Generation:
     finish_reason: str                 # "stop" (eos) or "length" (max_new_tokens)
     seed: int
     prompt_tokens: int
+    candidate: int = 0                 # of a best_of request: which draw was kept (its seed: params.candidates())
 
 
 class ModalityGrammar:
@@ -333,6 +349,9 @@ def check_request(grammar: ModalityGrammar, prompt: Sequence[int], params: Sampl
         raise ValueError("the prompt is empty")
     if not all(0 <= int(t) < grammar.vocab.size for t in prompt):
         raise ValueError(f"the prompt holds ids outside the vocabulary [0, {grammar.vocab.size})")
+    if params.best_of > 1 and not all(int(t) < grammar.vocab.text_size for t in prompt):
+        raise ValueError("best_of > 1 ranks replies by how well they give back the prompt's text: the prompt must "
+                         "be text only")
     if context_length is not None and len(prompt) + params.max_new_tokens > context_length:
         raise ValueError(f"{len(prompt)} prompt tokens + max_new_tokens {params.max_new_tokens} exceed the context "
                          f"length {context_length}")
@@ -356,8 +375,6 @@ def with_seed(params: SamplingParams) -> SamplingParams:
     """The params with a concrete seed: the given one, or a fresh random one to report back."""
     if params.seed is not None:
         return params
-    from dataclasses import replace
-
     return replace(params, seed=random.SystemRandom().randrange(2 ** 63))
 
 

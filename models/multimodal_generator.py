@@ -9,15 +9,16 @@ forced `[IMG] c.. [/IMG]`, then eos.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from models.evaluation import prompt_answer_logprobs
 from models.generation import (BlockShape, Generation, ModalityGrammar, SamplingParams, check_request, decode_steps,
-                               generate)
+                               generate, with_seed)
 from models.media import encode_mp4, encode_png, encode_wav
 from models.preprocess import (AudioPreprocessConfig, ImagePreprocessConfig, MediaError, VideoPreprocessConfig,
                                preprocess_audio, preprocess_image, preprocess_video)
@@ -209,8 +210,35 @@ class TokenGenerator:
                             self.use_cache, self.context_length)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Generation]:
-        return generate(self.model, self.grammar, prompts, params, self.pad_id, self.uncond_prompt, self.use_cache,
-                        self.context_length)
+        """Decode a batch to the end; a best_of request's draws share the batch and the best one comes back."""
+        params = [with_seed(p).validate() for p in params]
+        draws = [c for p in params for c in p.candidates()]
+        made = generate(self.model, self.grammar, [q for q, p in zip(prompts, params) for _ in range(p.best_of)],
+                        draws, self.pad_id, self.uncond_prompt, self.use_cache, self.context_length)
+        kept, start = [], 0
+        for prompt, p in zip(prompts, params):
+            kept.append(self.pick(prompt, p, made[start:start + p.best_of]))
+            start += p.best_of
+        return kept
+
+    @torch.inference_mode()
+    def read_back(self, prompt: Sequence[int], generations: Sequence[Generation]) -> torch.Tensor:
+        """log p(the prompt's text + eos | bos + the reply's media) for each reply: how surely the model, reading
+        what it made, says what it was asked for (the understanding order of the same pairs it was trained on)."""
+        text = [int(t) for t in prompt if int(t) < self.vocab.text_size and int(t) not in self.uncond_prompt]
+        if not text:
+            raise ValueError("best_of > 1 needs prompt text to read back")
+        replies = [[int(t) for t in g.ids if int(t) != self.eos_id] for g in generations]
+        return prompt_answer_logprobs(self.model, [self.uncond_prompt + r for r in replies], [text + [self.eos_id]],
+                                      batch_size=len(replies))[:, 0]
+
+    def pick(self, prompt: Sequence[int], params: SamplingParams, generations: Sequence[Generation]) -> Generation:
+        """Of a (seeded) request's draws, in params.candidates() order, the one that reads back its prompt best,
+        reported under the request's seed with its draw's index."""
+        if len(generations) == 1:
+            return generations[0]
+        best = int(self.read_back(prompt, generations).argmax())
+        return replace(generations[best], seed=params.seed, candidate=best)
 
 
 class OutputDecoder:

@@ -18,7 +18,9 @@ import soundfile
 import torch
 from PIL import Image
 
+from models.generation import SamplingParams
 from models.media import encode_mp4, encode_png, encode_wav, read_mp4
+from models.multimodal_generator import InputLimits, MultimodalGenerator
 
 pytestmark = pytest.mark.slow   # every test here needs the app up (~30 s to start on 2 cores)
 
@@ -191,7 +193,7 @@ def test_video_in_and_out(server):
     assert reply["usage"]["prompt_tokens_details"]["video_tokens"] >= 16 + 2
 
 
-def test_images_endpoint(server):
+def test_images_endpoint(server, tiny_exported_model):
     reply = server.post("/v1/images/generations", json={"model": MODEL, "prompt": "a seven", "n": 2, "seed": 9,
                                                          "size": "32x32"})
     assert reply.status_code == 200, reply.text
@@ -203,6 +205,15 @@ def test_images_endpoint(server):
     assert again["b64_json"] == data[0]["b64_json"]
     guided = server.post("/v1/images/generations", json={"prompt": "a seven", "seed": 9, "guidance_scale": 3})
     assert guided.status_code == 200
+    # best_of: of 4 draws (one batch in the replica) the one the model reads "a seven" back from best, as the
+    # generator picks it in one process; draw 0 is the plain request, so here the kept one is another
+    best = server.post("/v1/images/generations", json={"prompt": "a seven", "seed": 14, "best_of": 4}).json()["data"]
+    local = MultimodalGenerator(tiny_exported_model, limits=InputLimits(audio_max_seconds=1.0))
+    shape = local.generator.grammar.shapes["image"]
+    (output, kept), = local([(["a seven"], SamplingParams(shape.max_tokens + 1, modalities=("image",), seed=14,
+                                                          best_of=4))])
+    assert kept.candidate != 0 and best[0]["seed"] == 14
+    assert base64.b64decode(best[0]["b64_json"]) == output.media[0].data
 
 
 def test_streaming_sends_text_deltas_then_done(server):
@@ -301,6 +312,13 @@ BAD_REQUESTS = {
     "max_tokens too small for an image": ({"messages": user(text("hi")), "modalities": ["image"], "max_tokens": 5},
                                           400, "too small for one image block"),
     "stop sequences": ({"messages": user(text("hi")), "stop": ["\n"]}, 400, "stop"),
+    "best_of for a text reply": ({"messages": user(text("hi")), "best_of": 2}, 400, "ranks media replies"),
+    "best_of streamed": ({"messages": user(text("a seven")), "modalities": ["image"], "best_of": 2, "stream": True},
+                         400, "cannot be streamed"),
+    "best_of above its limit": ({"messages": user(text("a seven")), "modalities": ["image"], "best_of": 65}, 400,
+                                "best_of"),
+    "best_of with media in the prompt": ({"messages": user(image(png_uri()), text("a seven")), "modalities": ["image"],
+                                          "best_of": 2}, 400, "text only"),
     "an unknown content part": ({"messages": user({"type": "hologram", "data": "x"})}, 400, "messages"),
 }
 

@@ -1,12 +1,14 @@
 """Generation over the MultimodalLM: the modality grammar, the KV cache, batching, seeds, sampling parameters, and the
 exported folder's round trip from request bytes to PNG / WAV / MP4 bytes."""
 import io
+from dataclasses import replace
 
 import pytest
 import soundfile
 import torch
 from PIL import Image
 
+from models.evaluation import prompt_answer_logprobs
 from models.generation import SamplingParams, generate, sample_token
 from models.media import encode_png, encode_wav, read_mp4
 from models.exported import ExportedModel
@@ -147,7 +149,9 @@ def test_top_k_and_top_p_keep_only_the_most_likely_ids():
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(seed="7"), "seed"), (dict(guidance_scale=0.5), "guidance"),
     (dict(modalities=("text", "smell")), "modalities"), (dict(modalities=("image", "audio")), "modalities"),
-    (dict(modalities=()), "modalities"),
+    (dict(modalities=()), "modalities"), (dict(best_of=0, modalities=("image",)), "best_of"),
+    (dict(best_of=True, modalities=("image",)), "best_of"), (dict(best_of=65, modalities=("image",)), "best_of"),
+    (dict(best_of=2), "best_of > 1 ranks media replies"),
 ])
 def test_bad_sampling_parameters_raise_value_errors_that_name_them(parts, bad, message):
     encoder, gen, _ = parts
@@ -161,6 +165,32 @@ def test_requests_the_model_cannot_fit_are_refused(parts):
         gen.generate(prompt_ids(encoder, "a"), [SamplingParams(10, modalities=("image",))])
     with pytest.raises(ValueError, match="context length 512"):
         gen.generate([[5] * 500], [SamplingParams(20)])
+
+
+def test_best_of_keeps_the_draw_that_reads_the_prompt_back_best(parts):
+    encoder, gen, decoder = parts
+    prompt = prompt_ids(encoder, "a seven")
+    request = SamplingParams(80, modalities=("image",), seed=14, best_of=4)
+    draws = [gen.generate(prompt, [c])[0] for c in request.candidates()]
+    assert draws[0].ids == gen.generate(prompt, [replace(request, best_of=1)])[0].ids   # draw 0: the plain request
+    assert len({tuple(d.ids) for d in draws}) == 4
+    # each draw scores log p(the prompt's text + eos | bos + its block): the model reading back what it made
+    scores = gen.read_back(prompt[0], draws)
+    read = [prompt_answer_logprobs(gen.model, [prompt[0][:1] + d.ids[:-1]], [prompt[0][1:] + [gen.eos_id]])[0, 0]
+            for d in draws]
+    assert torch.allclose(scores, torch.stack(read), atol=1e-4)
+    best = int(scores.argmax())
+    assert best != 0                                       # this seed's best is not the plain request's draw
+    kept, other = gen.generate(prompt + prompt_ids(encoder, "hello"), [request, SamplingParams(8, seed=1)])
+    assert kept.ids == draws[best].ids and (kept.candidate, kept.seed) == (best, 14)
+    assert check_well_formed(kept.ids, gen, decoder, {"image"}) == ["image"]
+    assert other.ids == gen.generate(prompt_ids(encoder, "hello"), [SamplingParams(8, seed=1)])[0].ids
+    # n images seeded seed + i never share a draw
+    seeds = [c.seed for i in range(3) for c in replace(request, seed=14 + i).candidates()]
+    assert len(set(seeds)) == len(seeds)
+    media_prompt = encoder.encode([MediaPart("image", encode_png(torch.rand(3, 32, 32))), "a seven"]).ids
+    with pytest.raises(ValueError, match="text only"):
+        gen.check(media_prompt, request)
 
 
 def test_guidance_steers_image_blocks_only(parts):

@@ -17,7 +17,7 @@ def small_demo_data(tmp_path_factory) -> Path:
 def test_evaluate_writes_every_section_and_figure(small_demo_data, tiny_exported_model, tmp_path):
     out = tmp_path / "eval"
     code = evaluate.main([f"--model={tiny_exported_model}", f"--data={small_demo_data}", f"--out={out}",
-                          "samples_per_digit=1", "max_examples=12", "skip_layers=[0, 1]"])
+                          "samples_per_digit=1", "max_examples=12", "skip_layers=[0, 1]", "best_of=4"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["understanding"]) == {"image", "audio", "video"}
@@ -27,7 +27,9 @@ def test_evaluate_writes_every_section_and_figure(small_demo_data, tiny_exported
     # judges see only real media and must know digits well, or their verdicts on generated media mean nothing
     assert report["judges"]["image_judge_accuracy_on_real"] >= 0.8
     assert set(report["generation"]) == {"image", "audio"}
-    assert report["generation"]["image"]["samples"] == 10
+    for values in report["generation"].values():       # judged twice: one draw, and the kept one of 4 draws
+        assert values["samples"] == 10 and values["best_of"] == 4
+        assert 0 <= values["one_draw_accuracy"] <= 1 and 0 <= values["judged_accuracy"] <= 1
     assert {"image", "audio", "video"} <= set(report["reconstruction"])
     final = report["ima"]["final"]
     assert len(final["ima"]) == 3 and final["perceptual_examples"] > 0        # 2 layers + embeddings
@@ -36,6 +38,7 @@ def test_evaluate_writes_every_section_and_figure(small_demo_data, tiny_exported
         assert (out / png).stat().st_size > 0, png
     text = (out / "report.md").read_text()
     assert "## Goals" in text and "missed by" in text      # an untrained model misses every goal, and says so
+    assert "best of 4 draws" in text and "one draw" in text
 
 
 def test_evaluate_names_a_missing_model(small_demo_data, tmp_path):
