@@ -174,7 +174,9 @@ class Generator:
         params = with_seed(params)
         self.core.check(prompt, params)
         draws = await asyncio.gather(*[self.whole((prompt, c)) for c in params.candidates()])   # one batch
-        return await asyncio.to_thread(self.core.pick, prompt, params, draws)
+        if len(draws) == 1:
+            return draws[0]
+        return await asyncio.to_thread(self.core.pick, prompt, params, draws)   # one scoring pass
 
 
 async def _in_thread(iterator: Iterator[Any]) -> AsyncIterator[Any]:
