@@ -212,6 +212,9 @@ class TokenGenerator:
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> list[Generation]:
         """Decode a batch to the end; a best_of request's draws share the batch and the best one comes back."""
         params = [with_seed(p).validate() for p in params]
+        for prompt, p in zip(prompts, params):
+            if p.best_of > 1:
+                self.check(prompt, p)      # a text-only prompt: what its draws are ranked by
         draws = [c for p in params for c in p.candidates()]
         made = generate(self.model, self.grammar, [q for q, p in zip(prompts, params) for _ in range(p.best_of)],
                         draws, self.pad_id, self.uncond_prompt, self.use_cache, self.context_length)

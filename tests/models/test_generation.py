@@ -191,6 +191,8 @@ def test_best_of_keeps_the_draw_that_reads_the_prompt_back_best(parts):
     media_prompt = encoder.encode([MediaPart("image", encode_png(torch.rand(3, 32, 32))), "a seven"]).ids
     with pytest.raises(ValueError, match="text only"):
         gen.check(media_prompt, request)
+    with pytest.raises(ValueError, match="text only"):
+        gen.generate([media_prompt], [request])
 
 
 def test_guidance_steers_image_blocks_only(parts):
