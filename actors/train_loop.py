@@ -12,6 +12,7 @@ A checkpoint is loaded only when every rank's manifest is there and every file i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -84,6 +85,9 @@ class LoopConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)   # custom resources, e.g. {"nvme": 1}
     label_selector: dict[str, str] = field(default_factory=dict)   # the workers' nodes, e.g. {"pool": "gpu"}
     max_failures: int = 2              # worker-group restarts from the last checkpoint
+    poll_s: float = 0.25               # how often Ray Train's controller takes a report and checks the workers
+                                       # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a report waits for the controller,
+                                       # so Ray's default of 2 s holds every report up to 2 s
     seed: int = 0
     deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
@@ -437,6 +441,24 @@ def _export(engine, model, state: dict[str, Any], rank: int, folder: Path) -> No
 
 
 # --- the driver ------------------------------------------------------------------------------------------
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+@contextlib.contextmanager
+def _controller_polls_every(seconds: float) -> Iterator[None]:
+    """Ray Train hands this variable from the driver's environment to the controller it starts in `fit()`; it is
+    set only for that call, and what the driver had before comes back."""
+    before = os.environ.get(POLL_ENV)
+    os.environ[POLL_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[POLL_ENV]
+        else:
+            os.environ[POLL_ENV] = before
+
+
 def fit(job: Job, export_to: str | Path | None = None) -> RunResult:
     """Train, resuming from the run's last whole checkpoint if it has one; copy the export to `export_to`."""
     loop = job.loop
@@ -457,7 +479,8 @@ def fit(job: Job, export_to: str | Path | None = None) -> RunResult:
         datasets=job.datasets,
         # the same rows in the same order on every run, so a resumed run sees what the uninterrupted one would
         dataset_config=ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)))
-    result = trainer.fit()
+    with _controller_polls_every(loop.poll_s):
+        result = trainer.fit()
     back = result.return_value or {}
     export = None
     info: dict[str, Any] = {}

@@ -121,6 +121,29 @@ def test_lora_b_matrices_learn_at_their_multiple_of_the_rate(ray_local, shards, 
     assert b == pytest.approx(8e-3, rel=1e-3) and 0 < table <= 1e-3 * 1.001
 
 
+def build_noting_the_poll(llm: str, vocabulary: dict, note: str) -> MultimodalLM:
+    """build_lm on a worker, which first writes down how often its controller was told to poll."""
+    from actors.train_loop import POLL_ENV
+
+    Path(note).write_text(os.environ.get(POLL_ENV, "unset"))
+    return build_lm(llm, vocabulary)
+
+
+@pytest.mark.slow
+def test_the_controller_polls_as_the_loop_config_says_and_the_driver_keeps_its_own(ray_local, shards, tiny_llm_path,
+                                                                                    tmp_path, monkeypatch):
+    """Ray Train passes the variable from the driver to the controller and on to the workers; Ray's own default
+    (2 s) would hold each report of a short run up to 2 s."""
+    from actors.train_loop import POLL_ENV
+
+    monkeypatch.setenv(POLL_ENV, "7")
+    job = make_job(shards, tiny_llm_path, tmp_path, "poll", steps=1, poll_s=0.4)
+    vocabulary = json.loads((shards / "vocabulary.json").read_text())
+    job.build = partial(build_noting_the_poll, tiny_llm_path, vocabulary, str(tmp_path / "poll.txt"))
+    fit(job)
+    assert (tmp_path / "poll.txt").read_text() == "0.4" and os.environ[POLL_ENV] == "7"
+
+
 @pytest.mark.slow
 def test_a_resumed_run_continues_the_count_and_the_curve(ray_local, shards, tiny_llm_path, tmp_path):
     import ray.train
