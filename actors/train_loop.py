@@ -30,6 +30,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from actors.train_data import DataConfig, batch_size_of, count_tokens, make_collate
+from models.configuration import ConfigError
 
 logger = logging.getLogger(__name__)
 EXPORT_DIR = "export"
@@ -92,6 +93,13 @@ class LoopConfig:
     deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
     fault: Fault = field(default_factory=Fault)
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "grad_accum", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"loop.{name} must be at least 1, got {getattr(self, name)}")
+        if not self.poll_s > 0:
+            raise ConfigError(f"loop.poll_s must be a positive number of seconds, got {self.poll_s}")
 
 
 @dataclass

@@ -66,6 +66,14 @@ def make_job(shards: Path, llm: str, tmp: Path, name: str, **loop) -> Job:
                datasets={"train": sequence_dataset(data, "train"), "val": sequence_dataset(data, "val")})
 
 
+@pytest.mark.parametrize("bad", [{"poll_s": 0}, {"poll_s": -1.0}, {"log_every": 0}, {"checkpoint_every": 0},
+                                 {"micro_batch_size": 0}, {"grad_accum": 0}])
+def test_a_loop_config_that_cannot_run_is_refused_with_its_key(bad):
+    (key,) = bad
+    with pytest.raises(ValueError, match=f"loop.{key} must be"):
+        LoopConfig(**bad)
+
+
 def test_the_schedule_warms_up_then_follows_a_cosine():
     optim = OptimOptions(warmup_steps=4, min_lr_ratio=0.1)
     factors = [lr_factor(s, optim, 20) for s in range(21)]
