@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # espeak-ng speaks the demo's digit words; installed from Debian's packages where we can, explained where not.
+# A second make started beside the first (make demo and make test at once) waits for its apt-get to finish.
+APT_WAIT := -o DPkg::Lock::Timeout=300
 system-deps:
 	@command -v espeak-ng >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing espeak-ng (Debian package)"; \
-	    apt-get install -y -q espeak-ng >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q espeak-ng >/dev/null; }; \
+	    apt-get install -y -q $(APT_WAIT) espeak-ng >/dev/null 2>&1 || { apt-get update -q $(APT_WAIT) >/dev/null && apt-get install -y -q $(APT_WAIT) espeak-ng >/dev/null; }; \
 	  else \
 	    echo "espeak-ng is missing. Install it (Debian/Ubuntu: sudo apt-get install espeak-ng;" \
 	         "macOS: brew install espeak-ng) and run make again." >&2; exit 1; \
