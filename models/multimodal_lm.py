@@ -189,8 +189,11 @@ class MultimodalLM(Pretrained):
         return [(params, scale) for params, scale in groups if params]
 
     @torch.no_grad()
-    def copy_adapter(self, source: str, target: str) -> None:
-        """Adapter `target` becomes a copy of adapter `source` (its own tensors: training one leaves the other)."""
+    @torch.no_grad()
+    def copy_interface(self, source: str, target: str) -> None:
+        """Modality `target`'s interface to the LLM becomes a copy of `source`'s (its own tensors: training one
+        leaves the other): its LoRA adapter, and the embedding and head rows of its block's start and end tokens,
+        so that a target block reads, to the LLM, as a source block does (a one-frame clip as an image)."""
         for name in (source, target):
             if name not in self.lora_adapters or not self.routed:
                 raise ValueError(f"no LoRA adapter {name!r} to copy (this model's per-modality adapters: "
@@ -199,6 +202,10 @@ class MultimodalLM(Pretrained):
             if isinstance(module, LoRALinear):
                 for part in ("a", "b"):
                     getattr(module, f"lora_{part}_{target}").copy_(getattr(module, f"lora_{part}_{source}"))
+        for from_token, to_token in zip(BOUNDARIES[source], BOUNDARIES[target]):
+            a, b = (self.vocab.special_id(t) - self.vocab.text_size for t in (from_token, to_token))
+            for table in (self.embeddings["special"], self.heads["special"]):
+                table.weight[b] = table.weight[a]
 
     def saved_state(self) -> dict[str, torch.Tensor]:
         """Everything but the frozen base LLM, which is loaded from its own folder."""

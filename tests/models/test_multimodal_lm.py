@@ -218,28 +218,34 @@ def test_lora_plus_puts_the_b_matrices_in_a_faster_optimiser_group(tiny_llm_path
     assert [scale for _, scale in model.optimizer_groups()] == [1.0]
 
 
-def test_an_adapter_copied_from_another_reads_its_block_as_that_one_did(tiny_llm_path, vocab):
+def test_an_interface_copied_from_another_reads_its_block_as_that_one_did(tiny_llm_path, vocab):
     model = random_adapters(make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2))).eval()
     code = vocab.codebook_range("image").start
     frames = [code + 1, code + 2, code + 3]
-    image = torch.tensor([[vocab.special_id("[IMG]"), *frames, 4]])
-    video = torch.tensor([[vocab.special_id("[VID]"), *frames, 4]])        # video frames are image codes
+    image = torch.tensor([[vocab.special_id("[IMG]"), *frames, vocab.special_id("[/IMG]"), 4]])
+    video = torch.tensor([[vocab.special_id("[VID]"), *frames, vocab.special_id("[/VID]"), 4]])   # image codes
 
-    def after_boundary(ids):      # the hidden states after the boundary token (the boundaries' rows differ)
+    def read(ids):
         with torch.no_grad():
-            return model.hidden_and_logits(ids, embeds=model.embed(image))[0][:, 1:]
-    assert not torch.allclose(after_boundary(image), after_boundary(video))
-    model.copy_adapter("image", "video")
-    assert torch.allclose(after_boundary(image), after_boundary(video))
+            return model.hidden_and_logits(ids)
+    assert not torch.allclose(read(image)[0], read(video)[0])
+    model.copy_interface("image", "video")
+    (hidden_image, logits_image), (hidden_video, logits_video) = read(image), read(video)
+    assert torch.allclose(hidden_image, hidden_video)      # the boundary rows and the adapter both copied
+    ends = [vocab.special_id(t) for t in ("[/IMG]", "[/VID]")]
+    assert torch.allclose(logits_image[..., ends[0]], logits_video[..., ends[1]])   # the heads' rows too
     model.set_trainable(["lora.video"])                   # its own tensors: training it leaves the image adapter
     before = {n: p.clone() for n, p in model.named_parameters() if n.endswith("_image")}
+    img = model.embeddings["special"].weight[vocab.special_id("[IMG]") - vocab.text_size].clone()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("_video"):
                 p.add_(1.0)
+        model.embeddings["special"].weight[vocab.special_id("[VID]") - vocab.text_size] += 1.0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n.endswith("_image"))
+    assert torch.equal(model.embeddings["special"].weight[vocab.special_id("[IMG]") - vocab.text_size], img)
     with pytest.raises(ValueError, match="no LoRA adapter 'speech'"):
-        model.copy_adapter("speech", "video")
+        model.copy_interface("speech", "video")
 
 
 def test_decoding_with_the_cache_goes_through_the_same_adapters_as_the_whole_sequence(tiny_llm_path, vocab):
