@@ -110,7 +110,9 @@ class StageConfig:
     mix: dict[str, float] = field(default_factory=dict)         # modality -> weight; empty: all shards
     steps: int = 100
     lr: float | None = None            # default: loop.optim.lr
-    sea_weight: float | None = None    # SEA's weight in this stage; default: model.sea.weight
+    # model fields set for this stage on top of the run's `model` (nested keys merge): e.g. {sea: {weight: 0}},
+    # {media_loss_weight: 0.1}; fields that shape the weights (sizes, LoRA rank) cannot change between stages
+    model: dict[str, Any] = field(default_factory=dict)
     # LoRA adapters that start the stage as a copy of another: {video: image} starts the video adapter as the
     # image stage's reader (video frames are image codes)
     adapters_from: dict[str, str] = field(default_factory=dict)
@@ -123,6 +125,8 @@ class TealConfig:
     base_llm: str = ""                 # a Hugging Face causal LM folder, kept frozen
     out: str = "runs/demo/model"       # the exported model folder
     model: dict[str, Any] = field(default_factory=dict)   # MultimodalLMConfig fields beyond the above
+    init_from: str | None = None       # the first stage starts from this exported model (or stage folder) of the
+                                       # same data and base LLM: later stages on a trained model
     loop: LoopConfig = field(default_factory=LoopConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     cache_max_mb: float = 1024.0       # a stage's shards up to this size are read once, then shuffled by row
@@ -136,7 +140,16 @@ def _text_special_ids(text_tokenizer: str) -> list[int]:
                    if i is not None})
 
 
-def teal_model_config(cfg: TealConfig) -> dict[str, Any]:
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` set on top, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def teal_model_config(cfg: TealConfig, stage_model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model config of a run (and of a stage, with its `model` fields on top)."""
     from models.multimodal_lm import MultimodalLMConfig
 
     data = Path(cfg.data)
@@ -144,14 +157,15 @@ def teal_model_config(cfg: TealConfig) -> dict[str, Any]:
     text = str(data / "text_tokenizer")
     base = {"base_llm": cfg.base_llm, "vocabulary": vocabulary, "tokenizers": str(data / "tokenizers"),
             "text_tokenizer": text, "text_special_ids": _text_special_ids(text)}
-    return config_to_dict(config_from_dict(MultimodalLMConfig, {**cfg.model, **base}))
+    config = merged(config_to_dict(config_from_dict(MultimodalLMConfig, {**cfg.model, **base})), stage_model or {})
+    return config_to_dict(config_from_dict(MultimodalLMConfig, config))
 
 
 def _build_stage(model_config: dict[str, Any], init_from: str | None, groups: list[str],
                  adapters_from: dict[str, str] | None = None):
     model = build_model("multimodal_lm", model_config, init_from)
     for target, source in (adapters_from or {}).items():      # a resumed stage then loads its checkpoint over it
-        model.copy_adapter(source, target)
+        model.copy_interface(source, target)
     model.set_trainable(groups)
     return model
 
@@ -166,16 +180,15 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
     """Every stage in order, each from the previous stage's export; returns a summary per stage."""
     if not cfg.stages:
         raise ValueError("no stages: declare at least one under `stages`")
-    model_config = teal_model_config(cfg)
+    for stage in cfg.stages:    # a bad model field fails here, before any stage runs
+        teal_model_config(cfg, stage.model)
     _quiet_data_progress()
     out = Path(cfg.out)
     stages_dir = out.parent / f"{out.name}.stages"
-    previous: str | None = None
+    previous: str | None = cfg.init_from
     summary = []
     for i, stage in enumerate(cfg.stages):
-        config = json.loads(json.dumps(model_config))
-        if stage.sea_weight is not None:
-            config["sea"]["weight"] = stage.sea_weight
+        config = teal_model_config(cfg, stage.model)
         loop = config_from_dict(LoopConfig, {**config_to_dict(cfg.loop), "name": f"{cfg.name}-{stage.name}",
                                              "steps": stage.steps})
         if stage.lr is not None:
@@ -190,7 +203,7 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
         result = fit(Job(build=build, loop=loop, data=data, datasets=datasets), export_to=stages_dir / stage.name)
         previous = str(result.export)
         summary.append({"stage": stage.name, "train": stage.train, "mix": stage.mix, "steps": stage.steps,
-                        "adapters_from": stage.adapters_from,
+                        "adapters_from": stage.adapters_from, "model": stage.model,
                         "final_loss": result.history[-1].get("loss") if result.history else None,
                         "val": result.val, "resumed_from": result.resumed_from,
                         "frozen_llm_unchanged": result.frozen_digest_before == result.frozen_digest_after})

@@ -157,7 +157,8 @@ def test_train_runs_the_stages_in_order_and_exports_one_model_folder(ray_local, 
                        f"loop.storage_path={tmp_path / 'ray'}", *LOOP, "loop.micro_batch_size=4",
                        "loop.optim.lr=0.03", "model.sea.weight=0.1", "model.sea.clip=null", "model.lora.rank=2",
                        "stages=[{name: image, train: [special, image, lora.image], mix: {image: 1}, steps: 6},"
-                       " {name: copy, train: [special], mix: {image: 1}, steps: 2, adapters_from: {audio: image}},"
+                       " {name: copy, train: [special], mix: {image: 1}, steps: 2, adapters_from: {audio: image},"
+                       "  model: {media_loss_weight: 0.0}},"
                        " {name: joint, train: [all], mix: {image: 1, audio: 1}, steps: 6, lr: 0.01}]"])
     assert code == 0
     for name in ("config.json", "model.safetensors", "vocabulary.json", "tokenizers/image/config.json",
@@ -186,6 +187,12 @@ def test_train_runs_the_stages_in_order_and_exports_one_model_folder(ray_local, 
     # the exported folder reloads to the model that was trained: the same held-out loss as the run measured
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {line["stage"] for line in lines} == {"image", "copy", "joint"}
+    # a stage's own model fields: the copy stage weighed media targets at 0, so its loss is the text loss alone
+    for line in lines:
+        if "lm_loss" in line and "text_loss" in line:
+            same = line["lm_loss"] == pytest.approx(line["text_loss"], rel=1e-4)
+            assert same == (line["stage"] == "copy"), line
+    assert training["stages"][1]["model"] == {"media_loss_weight": 0.0}
     table = pq.read_table(prepared / "val" / "part-00000-image-0000.parquet")
     batch = {k: torch.tensor(table.column(k).to_pylist()) for k in ("input_ids", "loss_mask", "doc_ids",
                                                                      "position_ids")}
@@ -194,6 +201,15 @@ def test_train_runs_the_stages_in_order_and_exports_one_model_folder(ray_local, 
         assert last.training_step(batch).metrics["lm_loss"] == pytest.approx(again, abs=1e-6)
         untrained = first.__class__(first.config).training_step(batch).metrics["lm_loss"]
     assert again < untrained
+    # init_from: a later run's first stage starts from an exported stage (here training the specials alone)
+    more = tmp_path / "more"
+    assert train.main([f"data={prepared}", f"base_llm={tiny_llm_path}", f"--out={more}", "name=more",
+                       f"init_from={stages / 'image'}", f"loop.storage_path={tmp_path / 'ray'}", *LOOP,
+                       "loop.micro_batch_size=4", "model.sea.clip=null", "model.lora.rank=2",
+                       "stages=[{name: specials, train: [special], mix: {image: 1}, steps: 2}]"]) == 0
+    extended = load_pretrained(more)
+    assert torch.equal(extended.embeddings["image"].weight, first.embeddings["image"].weight)
+    assert adapter(extended, "image").abs().sum() > 0
 
 
 def initial_audio_rows(prepared: Path, llm: str) -> torch.Tensor:
