@@ -25,6 +25,7 @@ from actors.sources import parquet_rows, webdataset_rows
 from actors.tokenize import PreprocessConfig, SequenceConfig, TokenizeActor, preprocess_media, read_media
 from models.configuration import config_to_dict
 from models.sequences import Document, pack_documents
+from models.vocabulary import CODEBOOKS
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +291,17 @@ def check_config(cfg: PrepareConfig) -> None:
             raise ValueError(f"sequences.{name} must lie in [0, 1], got {getattr(seq, name)}")
     if seq.understanding_fraction == seq.generation_fraction == 0:
         raise ValueError("sequences.understanding_fraction and generation_fraction cannot both be 0")
+    for modality, fractions in seq.by_modality.items():
+        where = f"sequences.by_modality.{modality}"
+        if modality not in CODEBOOKS:
+            raise ValueError(f"{where}: no such modality (known: {', '.join(CODEBOOKS)})")
+        for name, value in fractions.items():
+            if name not in ("understanding", "generation"):
+                raise ValueError(f"{where}.{name}: expected understanding or generation")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{where}.{name} must lie in [0, 1], got {value}")
+        if seq.fractions(modality) == (0, 0):
+            raise ValueError(f"{where}: understanding and generation cannot both be 0")
     if seq.context_length < 8:
         raise ValueError(f"sequences.context_length must be at least 8, got {seq.context_length}")
     if min(cfg.rows_per_part, cfg.tokenize.batch_size, cfg.tokenize.concurrency, cfg.read_tasks) < 1:

@@ -108,7 +108,15 @@ class SequenceConfig:
     context_length: int = 1024
     understanding_fraction: float = 1.0   # share of pairs emitted as [media, text]
     generation_fraction: float = 1.0      # share of pairs emitted as [text, media]
+    # the two fractions for one modality, e.g. {video: {generation: 0.0}}: clips only read, never made, so a
+    # stage on them sees twice the reading examples per step (the demo's video reader learns from them)
+    by_modality: dict[str, dict[str, float]] = field(default_factory=dict)
     seed: int = 0
+
+    def fractions(self, modality: str) -> tuple[float, float]:
+        """(understanding, generation) fractions of a modality's pairs."""
+        own = self.by_modality.get(modality, {})
+        return own.get("understanding", self.understanding_fraction), own.get("generation", self.generation_fraction)
 
 
 class TokenizeActor:
@@ -176,7 +184,7 @@ class TokenizeActor:
             block = self.vocab.wrap(row["modality"], torch.as_tensor(nested))
             row["codes"] = np.asarray(nested, dtype=np.int32).reshape(-1).tolist()
             row["media_tokens"] = len(row["codes"])
-            orders = choose_orders(row["id"], cfg.seed, cfg.understanding_fraction, cfg.generation_fraction)
+            orders = choose_orders(row["id"], cfg.seed, *cfg.fractions(row["modality"]))
         docs = media_text_documents(row["id"], block, text_ids, orders, tok.bos_token_id, tok.eos_token_id)
         longest = max(len(d.input_ids) for d in docs)
         if longest > cfg.context_length:

@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -217,6 +218,36 @@ def test_files_are_read_by_a_bounded_pool_of_tasks(ray_local, inputs, tmp_path):
     stats, most = _most_processes_at_once("MapBatches(read_media)", lambda: run_prepare(cfg))
     assert stats["ok_rows"] + stats["error_rows"] == stats["input_rows"] > 40
     assert 1 <= most <= cfg.read_tasks
+
+
+def test_a_modality_can_be_emitted_in_one_order_only(ray_local, inputs, tmp_path):
+    cfg = config(inputs, tmp_path / "out")
+    cfg.sequences.by_modality = {"video": {"generation": 0.0}}
+    stats = run_prepare(cfg)
+    videos = sum(json.loads(line)["modality"] == "video"
+                 for line in (inputs / "data" / "manifest.jsonl").read_text().splitlines())
+    assert stats["error_rows"] == 0 and videos == 6
+    assert stats["samples_by_order"] == {"understanding": stats["ok_rows"], "generation": stats["ok_rows"] - videos}
+    ids = [i for rows in shard_rows(tmp_path / "out").values() for r in rows for i in r["sample_ids"]]
+    assert sorted(i for i in ids if i.startswith("vid-")) == sorted(
+        f"{i.split('/')[0]}/understanding" for i in ids if i.startswith("vid-"))
+    assert sum(i.endswith("/generation") for i in ids) == stats["ok_rows"] - videos
+
+
+@pytest.mark.parametrize("by_modality, message", [
+    ({"text": {"generation": 0.0}}, "no such modality"),
+    ({"video": {"making": 0.0}}, "expected understanding or generation"),
+    ({"video": {"generation": 1.5}}, "must lie in [0, 1]"),
+    ({"audio": {"generation": 0.0, "understanding": 0.0}}, "cannot both be 0"),
+])
+def test_bad_per_modality_fractions_are_refused_naming_the_key(inputs, tmp_path, by_modality, message):
+    from actors.prepare import check_config
+
+    cfg = config(inputs, tmp_path / "out")
+    cfg.sequences.by_modality = by_modality
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        check_config(cfg)
+    assert f"sequences.by_modality.{next(iter(by_modality))}" in str(err.value)
 
 
 def test_rows_of_a_modality_without_a_tokenizer_are_rejected_before_reading_and_counted(ray_local, inputs,
