@@ -15,7 +15,7 @@ from actors.train_data import DataConfig, media_dataset, preprocess_for_model, s
 from actors.train_loop import Job, LoopConfig, OptimOptions, RunResult, fit
 from models.clip import TEXT_TOKENIZER_DIR
 from models.configuration import config_from_dict, config_to_dict
-from models.pretrained import build_model, write_json
+from models.pretrained import WEIGHTS_FILE, build_model, write_json
 from models.text_lm import HF_DIR
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,8 @@ class StageConfig:
     # model fields set for this stage on top of the run's `model` (nested keys merge): e.g. {sea: {weight: 0}},
     # {media_loss_weight: 0.1}; fields that shape the weights (sizes, LoRA rank) cannot change between stages
     model: dict[str, Any] = field(default_factory=dict)
-    # LoRA adapters that start the stage as a copy of another: {video: image} starts the video adapter as the
-    # image stage's reader (video frames are image codes)
+    # modality interfaces that start the stage as a copy of another's (its LoRA adapter and block boundary rows):
+    # {video: image} starts the video reader as the image stage's (video frames are image codes)
     adapters_from: dict[str, str] = field(default_factory=dict)
 
 
@@ -182,6 +182,9 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
         raise ValueError("no stages: declare at least one under `stages`")
     for stage in cfg.stages:    # a bad model field fails here, before any stage runs
         teal_model_config(cfg, stage.model)
+    if cfg.init_from and not (Path(cfg.init_from) / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"init_from: {cfg.init_from} is not an exported model or stage folder "
+                                "(no model.safetensors)")
     _quiet_data_progress()
     out = Path(cfg.out)
     stages_dir = out.parent / f"{out.name}.stages"
