@@ -148,8 +148,7 @@ def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def teal_model_config(cfg: TealConfig, stage_model: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The model config of a run (and of a stage, with its `model` fields on top)."""
+def teal_model_config(cfg: TealConfig) -> dict[str, Any]:
     from models.multimodal_lm import MultimodalLMConfig
 
     data = Path(cfg.data)
@@ -157,8 +156,14 @@ def teal_model_config(cfg: TealConfig, stage_model: dict[str, Any] | None = None
     text = str(data / "text_tokenizer")
     base = {"base_llm": cfg.base_llm, "vocabulary": vocabulary, "tokenizers": str(data / "tokenizers"),
             "text_tokenizer": text, "text_special_ids": _text_special_ids(text)}
-    config = merged(config_to_dict(config_from_dict(MultimodalLMConfig, {**cfg.model, **base})), stage_model or {})
-    return config_to_dict(config_from_dict(MultimodalLMConfig, config))
+    return config_to_dict(config_from_dict(MultimodalLMConfig, {**cfg.model, **base}))
+
+
+def stage_model_config(run_config: dict[str, Any], stage: StageConfig) -> dict[str, Any]:
+    """A stage's model config: the run's, with the stage's `model` fields on top."""
+    from models.multimodal_lm import MultimodalLMConfig
+
+    return config_to_dict(config_from_dict(MultimodalLMConfig, merged(run_config, stage.model)))
 
 
 def _build_stage(model_config: dict[str, Any], init_from: str | None, groups: list[str],
@@ -180,8 +185,8 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
     """Every stage in order, each from the previous stage's export; returns a summary per stage."""
     if not cfg.stages:
         raise ValueError("no stages: declare at least one under `stages`")
-    for stage in cfg.stages:    # a bad model field fails here, before any stage runs
-        teal_model_config(cfg, stage.model)
+    run_config = teal_model_config(cfg)
+    configs = [stage_model_config(run_config, stage) for stage in cfg.stages]   # a bad field fails before any runs
     if cfg.init_from and not (Path(cfg.init_from) / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"init_from: {cfg.init_from} is not an exported model or stage folder "
                                 "(no model.safetensors)")
@@ -190,8 +195,7 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
     stages_dir = out.parent / f"{out.name}.stages"
     previous: str | None = cfg.init_from
     summary = []
-    for i, stage in enumerate(cfg.stages):
-        config = teal_model_config(cfg, stage.model)
+    for i, (stage, config) in enumerate(zip(cfg.stages, configs)):
         loop = config_from_dict(LoopConfig, {**config_to_dict(cfg.loop), "name": f"{cfg.name}-{stage.name}",
                                              "steps": stage.steps})
         if stage.lr is not None:

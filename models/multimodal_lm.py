@@ -189,7 +189,6 @@ class MultimodalLM(Pretrained):
         return [(params, scale) for params, scale in groups if params]
 
     @torch.no_grad()
-    @torch.no_grad()
     def copy_interface(self, source: str, target: str) -> None:
         """Modality `target`'s interface to the LLM becomes a copy of `source`'s (its own tensors: training one
         leaves the other): its LoRA adapter, and the embedding and head rows of its block's start and end tokens,

@@ -208,12 +208,12 @@ def test_train_runs_the_stages_in_order_and_exports_one_model_folder(ray_local, 
                        "loop.micro_batch_size=4", "model.sea.clip=null", "model.lora.rank=2",
                        "stages=[{name: specials, train: [special], mix: {image: 1}, steps: 2}]"]) == 0
     extended = load_pretrained(more)
+    assert torch.equal(extended.embeddings["image"].weight, first.embeddings["image"].weight)
+    assert adapter(extended, "image").abs().sum() > 0
     nowhere = tmp_path / "nowhere"
     assert train.main([f"data={prepared}", f"base_llm={tiny_llm_path}", f"--out={nowhere}", f"init_from={nowhere}",
                        "stages=[{name: specials, train: [special], steps: 1}]"]) == 1      # refused before a stage
     assert not nowhere.exists() and not (tmp_path / "nowhere.stages").exists()
-    assert torch.equal(extended.embeddings["image"].weight, first.embeddings["image"].weight)
-    assert adapter(extended, "image").abs().sum() > 0
 
 
 def initial_audio_rows(prepared: Path, llm: str) -> torch.Tensor:
