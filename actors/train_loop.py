@@ -258,6 +258,15 @@ def _batches(shard, loop: LoopConfig, collate, state: dict[str, Any]) -> Iterato
         state["batch_in_epoch"] = 0
 
 
+def _reduction_device() -> torch.device:
+    """Where a collective's tensor must live: NCCL reduces GPU tensors only, gloo CPU ones."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _mean_over_ranks(sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
     """Per-key means over every rank's window; a metric some batches lack (no media token, no SEA pair) is
     averaged over the batches that have it, and ranks may hold different keys."""
@@ -268,7 +277,8 @@ def _mean_over_ranks(sums: dict[str, float], counts: dict[str, float]) -> dict[s
     every: list[list[str]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(every, sorted(sums))
     keys = sorted(set().union(*every))
-    t = torch.tensor([[sums.get(k, 0.0), counts.get(k, 0.0)] for k in keys], dtype=torch.float64)
+    t = torch.tensor([[sums.get(k, 0.0), counts.get(k, 0.0)] for k in keys], dtype=torch.float64,
+                     device=_reduction_device())
     dist.all_reduce(t)
     return {k: float(total) / float(n) for k, (total, n) in zip(keys, t.tolist()) if n > 0}
 
@@ -278,7 +288,7 @@ def _sum_over_ranks(values: list[float], op: str = "sum") -> list[float]:
 
     if not dist.is_initialized():
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_reduction_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from actors.train_data import DataConfig, sequence_dataset
-from actors.train_loop import (CheckpointError, DeepSpeedOptions, Fault, Job, LoopConfig, OptimOptions, fit,
-                               lr_factor, verify_checkpoint)
+from actors.train_loop import (CheckpointError, DeepSpeedOptions, Fault, Job, LoopConfig, OptimOptions,
+                               _mean_over_ranks, _sum_over_ranks, fit, lr_factor, verify_checkpoint)
 from models import load_pretrained
 from models.multimodal_lm import LoraConfig, MultimodalLM, MultimodalLMConfig
 from models.sequences import media_text_documents, pack_documents
@@ -80,6 +80,24 @@ def test_the_schedule_warms_up_then_follows_a_cosine():
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
     assert factors[-1] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="NCCL needs a GPU"))])
+def test_the_logged_figures_are_reduced_over_ranks_on_either_backend(backend, tmp_path):
+    """The loop's metric reductions in a real one-rank process group: NCCL reduces only GPU tensors, so on a GPU
+    run they must build theirs there (they built CPU ones, and every GPU run failed at its first log step)."""
+    import torch.distributed as dist
+
+    if backend == "nccl":
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert _sum_over_ranks([3.0, 5.0]) == [3.0, 5.0]
+        assert _sum_over_ranks([7.0], op="max") == [7.0]
+        assert _mean_over_ranks({"loss": 6.0}, {"loss": 3.0}) == {"loss": 2.0}
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow
