@@ -7,7 +7,8 @@ Without --model it builds an untrained model of the given size (--hidden, --laye
 The variants run side by side as three Serve apps and are measured in interleaved rounds (the best kept), so
 a busy shared machine disturbs them alike. Every request is a text->text chat at temperature 0 with a distinct
 prompt, the same set in every variant, so each decodes the same tokens. `decode_only` times the generator alone
-in this process (no HTTP): one request at a time against all in one batch. Prints one JSON line.
+in this process (no HTTP): one request at a time against all in one batch, on --device (cpu or cuda);
+--decode-only measures that alone and starts no Ray. Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -28,11 +29,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import ray
 import torch
-from ray import serve
 
-from actors.serve import build_app
 from models import AudioVQConfig, AudioVQTokenizer, ImageVQConfig, ImageVQTokenizer
 from models.exported import random_exported_model
 from models.text_tokenizer import byte_level_tokenizer
@@ -77,8 +75,10 @@ async def load(url: str, total: int, concurrency: int, max_tokens: int) -> dict[
             "p99_ms": round(float(np.percentile(ms, 99)), 1), "errors": errors, "requests": total}
 
 
-def decode_only(model: str, requests: int, max_tokens: int, threads: int) -> dict:
-    """The generator alone, in this process, no HTTP: requests/s decoding one at a time and all in one batch."""
+def decode_only(model: str, requests: int, max_tokens: int, threads: int, device: str = "cpu",
+                dtype: torch.dtype | None = None) -> dict:
+    """The generator alone, in this process, no HTTP: requests/s and new tokens/s decoding one at a time and all
+    in one batch."""
     from models.generation import SamplingParams
     from models.exported import ExportedModel
     from models.multimodal_generator import PromptEncoder, TokenGenerator
@@ -89,18 +89,24 @@ def decode_only(model: str, requests: int, max_tokens: int, threads: int) -> dic
     params = [SamplingParams(max_tokens, temperature=0) for _ in prompts]
     figures = {}
     for use_cache in (True, False):
-        generator = TokenGenerator(exported, use_cache=use_cache)
+        generator = TokenGenerator(exported, device=device, use_cache=use_cache, dtype=dtype)
         generator.generate(prompts[:2], params[:2])   # warm-up
         for batch in (1, requests):
             start = time.perf_counter()
-            for i in range(0, requests, batch):
-                generator.generate(prompts[i:i + batch], params[i:i + batch])
-            rate = requests / (time.perf_counter() - start)
-            figures[f"{'cache' if use_cache else 'no_cache'}_batch{batch}_requests_per_s"] = round(rate, 2)
+            new_tokens = sum(len(g.ids) for i in range(0, requests, batch)
+                             for g in generator.generate(prompts[i:i + batch], params[i:i + batch]))
+            seconds = time.perf_counter() - start
+            name = f"{'cache' if use_cache else 'no_cache'}_batch{batch}"
+            figures[f"{name}_requests_per_s"] = round(requests / seconds, 2)
+            figures[f"{name}_tokens_per_s"] = round(new_tokens / seconds, 1)
     return figures
 
 
 def deploy(name: str, model: str, max_batch_size: int, use_cache: bool, threads: int) -> None:
+    from ray import serve
+
+    from actors.serve import build_app
+
     config = {"model": model, "app_name": name,
               "ingress": {"num_cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
               "tokenizer": {"num_cpus": 0.5}, "detokenizer": {"num_cpus": 0.5},
@@ -113,6 +119,8 @@ def deploy(name: str, model: str, max_batch_size: int, use_cache: bool, threads:
 def measure(base: str, variants: list[str], args) -> dict:
     """Every variant at every concurrency, `rounds` times interleaved, so all see the same background load; the
     best round of each (the least disturbed) is kept."""
+    from ray import serve
+
     best: dict[str, dict[str, dict]] = {v: {} for v in variants}
     for v in variants:
         asyncio.run(load(f"{base}/{v}", 8, 4, args.max_tokens))   # warm-up: first calls, connections, allocator
@@ -139,12 +147,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the generator replica")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats; the best of each is kept")
+    parser.add_argument("--device", default="cpu", help="where decode_only runs the generator: cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="decode_only's weights")
+    parser.add_argument("--decode-only", action="store_true", help="only the in-process decode figures; no Ray")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     load_before = os.getloadavg()[0]
+    described = {"model": args.model or f"untrained llama hidden={args.hidden} layers={args.layers}",
+                 "decode_device": torch.cuda.get_device_name() if args.device.startswith("cuda")
+                 else f"cpu ({os.cpu_count()} cores, {args.threads} threads)", "dtype": args.dtype,
+                 "max_tokens": args.max_tokens}
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or make_model(Path(tmp), args.hidden, args.layers)
-        decode = decode_only(model, max(args.concurrency), args.max_tokens, args.threads)   # before Ray starts
+        n = max(args.concurrency)
+        decode = decode_only(model, n, args.max_tokens, args.threads, args.device, getattr(torch, args.dtype))   # before Ray starts
+        decode_ratios = {"decode_only_batching": round(decode[f"cache_batch{n}_requests_per_s"] /
+                                                       decode["cache_batch1_requests_per_s"], 2),
+                         "decode_only_kv_cache": round(decode[f"cache_batch{n}_requests_per_s"] /
+                                                       decode[f"no_cache_batch{n}_requests_per_s"], 2)}
+        if args.decode_only:
+            print(json.dumps({**described, "decode_only": decode, "ratios": decode_ratios}))
+            return
+        import ray
+        from ray import serve
+
         ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
         with socket.socket() as s:
@@ -164,16 +190,9 @@ def main() -> None:
         return None
 
     levels = [f"c{c}" for c in args.concurrency]
-    n = max(args.concurrency)
     ratios = {**{f"batching_rps_{c}": ratio("batched", "unbatched", c) for c in levels},
-              **{f"kv_cache_rps_{c}": ratio("batched", "batched_no_cache", c) for c in levels},
-              "decode_only_batching": round(decode[f"cache_batch{n}_requests_per_s"] /
-                                            decode["cache_batch1_requests_per_s"], 2),
-              "decode_only_kv_cache": round(decode[f"cache_batch{n}_requests_per_s"] /
-                                            decode[f"no_cache_batch{n}_requests_per_s"], 2)}
-    print(json.dumps({"model": args.model or f"untrained llama hidden={args.hidden} layers={args.layers}",
-                      "device": "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
-                      "max_tokens": args.max_tokens, "results": results, "ratios": ratios,
+              **{f"kv_cache_rps_{c}": ratio("batched", "batched_no_cache", c) for c in levels}, **decode_ratios}
+    print(json.dumps({**described, "results": results, "ratios": ratios,
                       "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)]}))
 
 
