@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,8 @@ class ExportedModel:
         from models.pretrained import load_weights_into
 
         config = config_from_dict(MultimodalLMConfig, {**self.config, "base_llm": self.base_llm})
+        # SEA is a training loss: no labeler here, so the CLIP and data folders training read need not exist
+        config = replace(config, sea=replace(config.sea, weight=0.0))
         model = MultimodalLM(config)
         load_weights_into(model, self.root / WEIGHTS_FILE)
         model = model.to(device).eval()

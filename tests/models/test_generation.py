@@ -278,3 +278,23 @@ def test_an_incomplete_folder_or_a_missing_base_llm_is_named(tmp_path, tiny_expo
         ExportedModel(tmp_path)
     with pytest.raises(FileNotFoundError, match="base LLM folder"):
         ExportedModel(tiny_exported_model, base_llm=str(tmp_path / "nowhere")).model()
+
+
+def test_a_moved_folder_loads_without_the_folders_training_read(tmp_path, tiny_exported_model):
+    """A trained model's config records its run's SEA CLIP and data folders; serving it elsewhere (another machine,
+    the folder copied) needs only the folder and its base LLM."""
+    import json
+    import shutil
+
+    moved = tmp_path / "copied"
+    shutil.copytree(tiny_exported_model, moved)
+    meta = json.loads((moved / "config.json").read_text())
+    gone = str(tmp_path / "training-machine")
+    meta["config"].update(tokenizers=f"{gone}/prepared/tokenizers", text_tokenizer=f"{gone}/prepared/text_tokenizer")
+    meta["config"]["sea"].update(weight=0.1, clip=f"{gone}/clip")
+    (moved / "config.json").write_text(json.dumps(meta))
+    original, copy = ExportedModel(tiny_exported_model).model(), ExportedModel(moved).model()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert copy.sea_labeler is None
+    with torch.no_grad():
+        assert torch.equal(copy.hidden_and_logits(ids)[1], original.hidden_and_logits(ids)[1])
