@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -450,37 +451,75 @@ def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
-def goal_line(name: str, value: float | None, goal: float) -> str:
-    if value is None:
-        return f"| {name} | n/a | {pct(goal)} | not measured |"
-    verdict = "met" if value >= goal else f"missed by {100 * (goal - value):.1f} points"
-    return f"| {name} | {pct(value)} | {pct(goal)} | {verdict} |"
+def interval(parts: list[tuple[float, int]], z: float = 1.96) -> tuple[float, float]:
+    """The 95 % interval of a share (one (share, examples) part: Wilson's score interval, sound at small n and at
+    0 or 1) or of the mean of independent shares (the normal approximation, clipped to [0, 1])."""
+    if len(parts) == 1:
+        p, n = parts[0]
+        scale = 1 + z * z / n
+        centre = (p + z * z / (2 * n)) / scale
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / scale
+    else:
+        centre = float(np.mean([p for p, _ in parts]))
+        half = z * math.sqrt(sum(p * (1 - p) / n for p, n in parts)) / len(parts)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def goal(name: str, parts: list[tuple[float, int]], target: float) -> dict[str, Any]:
+    """A goal's measured share (the mean over `parts`, each (share, examples)), its 95 % interval and verdict."""
+    if not parts:
+        return {"goal": name, "measured": None, "target": target, "verdict": "not measured"}
+    value = float(np.mean([p for p, _ in parts])) if len(parts) > 1 else parts[0][0]
+    lo, hi = interval(parts)
+    verdict = "met" if value >= target else f"missed by {100 * (target - value):.1f} points"
+    if lo <= target <= hi:
+        verdict += "; within the interval"
+    return {"goal": name, "measured": value, "target": target, "ci95": [lo, hi],
+            "examples": sum(n for _, n in parts), "verdict": verdict}
+
+
+def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    u, g = report["understanding"], report["generation"]
+    best_of = max((v["best_of"] for v in g.values()), default=1)
+    found = [goal("understanding (image, video: mean ranked accuracy)",
+                  [(u[m]["ranked_accuracy"], u[m]["examples"]) for m in ("image", "video") if m in u],
+                  GOALS["understanding"]),
+             goal(f"generation (judged, mean over modalities; best of {best_of} draws)",
+                  [(v["judged_accuracy"], v["samples"]) for v in g.values()], GOALS["generation"])]
+    if best_of > 1:
+        found.append(goal("generation (judged, mean over modalities; one draw)",
+                          [(v["one_draw_accuracy"], v["samples"]) for v in g.values()], GOALS["generation"]))
+    found.append(goal("spoken digit (audio -> text)",
+                      [(u["audio"]["ranked_accuracy"], u["audio"]["examples"])] if "audio" in u else [],
+                      GOALS["spoken_digit"]))
+    return found
+
+
+def goal_line(found: dict[str, Any]) -> str:
+    if found["measured"] is None:
+        return f"| {found['goal']} | n/a | | {pct(found['target'])} | not measured |"
+    lo, hi = found["ci95"]
+    return (f"| {found['goal']} | {pct(found['measured'])} | {100 * lo:.1f}–{100 * hi:.1f} % | "
+            f"{pct(found['target'])} | {found['verdict']} |")
 
 
 def write_report(report: dict[str, Any], out: Path) -> Path:
     u, g, r = report["understanding"], report["generation"], report["reconstruction"]
     lines = ["# anytoken evaluation", "", f"Model `{report['model']}`, split `{report['split']}`.", "",
-             "## Goals", "", "| goal | measured | target | |", "|---|---|---|---|"]
-    understanding = [u[m]["ranked_accuracy"] for m in ("image", "video") if m in u]
-    lines.append(goal_line("understanding (image, video: mean ranked accuracy)",
-                           float(np.mean(understanding)) if understanding else None, GOALS["understanding"]))
-    best_of = max((v["best_of"] for v in g.values()), default=1)
-    generation = [g[m]["judged_accuracy"] for m in g]
-    lines.append(goal_line(f"generation (judged, mean over modalities; best of {best_of} draws)",
-                           float(np.mean(generation)) if generation else None, GOALS["generation"]))
-    if best_of > 1:
-        one = [g[m]["one_draw_accuracy"] for m in g]
-        lines.append(goal_line("generation (judged, mean over modalities; one draw)",
-                               float(np.mean(one)) if one else None, GOALS["generation"]))
-    lines.append(goal_line("spoken digit (audio -> text)", u.get("audio", {}).get("ranked_accuracy"),
-                           GOALS["spoken_digit"]))
-    lines += ["", "## Understanding", "", "| modality | examples | ranked accuracy | free reply: digit right | chance |",
-              "|---|---|---|---|---|"]
+             "## Goals", "", "| goal | measured | 95 % interval | target | |", "|---|---|---|---|---|"]
+    lines += [goal_line(found) for found in report["goals"]]
+    lines += ["", "95 % interval: where the model's true share on such examples lies, given this many test examples "
+              "(Wilson's score interval for one share; the normal approximation for a mean of two). A goal within "
+              "it is neither shown met nor shown missed by this split.",
+              "", "## Understanding", "",
+              "| modality | examples | ranked accuracy | 95 % interval | free reply: digit right | chance |",
+              "|---|---|---|---|---|---|"]
     for m, v in u.items():
         extra = (f" (digit {pct(v['digit_accuracy'])}, direction {pct(v['direction_accuracy'])})"
                  if m == "video" else "")
+        lo, hi = interval([(v["ranked_accuracy"], v["examples"])])
         lines.append(f"| {m} | {v['examples']} | {pct(v['ranked_accuracy'])}{extra} | "
-                     f"{pct(v.get('free_reply_digit_accuracy'))} | {pct(v['chance'])} |")
+                     f"{100 * lo:.1f}–{100 * hi:.1f} % | {pct(v.get('free_reply_digit_accuracy'))} | {pct(v['chance'])} |")
     lines += ["", "Some free replies:", ""]
     for m, v in u.items():
         for reply in v.get("replies", [])[:3]:
@@ -559,6 +598,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.dynamic_model:
         logger.info("the model on the dynamic tokenizer against the grid one")
         report["dynamic_vs_grid"] = ev.dynamic_vs_grid()
+    report["goals"] = goals(report)
     plot_ima(report["ima"], report["skipping"], ev.out / "ima.png")
     report["curves"] = plot_curves(metric_files(cfg), ev.out / "loss_curves.png")
     write_json(ev.out / "report.json", report)

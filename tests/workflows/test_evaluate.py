@@ -38,6 +38,7 @@ def test_evaluate_writes_every_section_and_figure(small_demo_data, tiny_exported
         assert (out / png).stat().st_size > 0, png
     text = (out / "report.md").read_text()
     assert "## Goals" in text and "missed by" in text      # an untrained model misses every goal, and says so
+    assert [g["target"] for g in report["goals"]] == [0.9, 0.8, 0.8, 0.9] and "95 % interval" in text
     assert "best of 4 draws" in text and "one draw" in text
 
 
@@ -51,8 +52,23 @@ def test_a_goal_reached_exactly_is_met():
 
     spoken = evaluate.share(torch.arange(60) < 54)          # 54 of 60 clips right: 90 %, not 89.99998 %
     assert spoken == 0.9
-    assert evaluate.goal_line("spoken digit", spoken, 0.9).endswith("| met |")
-    assert "missed by 1.7 points" in evaluate.goal_line("spoken digit", evaluate.share(torch.arange(60) < 53), 0.9)
+    assert evaluate.goal("spoken digit", [(spoken, 60)], 0.9)["verdict"].startswith("met")
+    assert "missed by 1.7 points" in evaluate.goal("spoken digit", [(53 / 60, 60)], 0.9)["verdict"]
+
+
+def test_a_goal_says_whether_its_test_split_can_tell():
+    """Wilson's interval of 53 of 60 is 77.8-94.2 %: a 90 % goal missed by 1.7 points is within it; 45 of 60 is not
+    near it, nor 1,000 of 1,000 wrong answers' share; a mean of two shares widens as its parts do."""
+    near = evaluate.goal("spoken digit", [(53 / 60, 60)], 0.9)
+    assert [round(100 * x, 1) for x in near["ci95"]] == [77.8, 94.2] and near["verdict"].endswith("within the interval")
+    far = evaluate.goal("spoken digit", [(45 / 60, 60)], 0.9)
+    assert far["ci95"][1] < 0.9 and far["verdict"] == "missed by 15.0 points"
+    assert evaluate.interval([(0.0, 1000)])[0] == 0.0 and evaluate.interval([(1.0, 1000)])[1] == 1.0
+    one, two = evaluate.interval([(0.7, 180)]), evaluate.interval([(0.7, 180), (0.4, 40)])
+    mean = evaluate.goal("understanding", [(0.7, 180), (0.4, 40)], 0.9)
+    assert mean["measured"] == 0.55 and mean["examples"] == 220
+    assert two[0] < 0.55 < two[1] and two[1] - two[0] > one[1] - one[0]
+    assert "| 55.0 % | " in evaluate.goal_line(mean) and evaluate.goal("generation", [], 0.8)["verdict"] == "not measured"
 
 
 def test_loss_curves_come_from_every_run_once(tmp_path):
