@@ -292,8 +292,9 @@ class Evaluation:
             batches.append({"input_ids": ids, "doc_ids": doc_ids})
         return batches
 
-    def ima(self) -> dict[str, Any]:
-        """The alignment curve of the final model; score vs image accuracy at every stage's checkpoint."""
+    def ima(self, modalities: list[str]) -> dict[str, Any]:
+        """The alignment curve of the final model; at every stage's checkpoint the score and the ranked accuracy
+        of each of `modalities` (what each stage taught, and whether a later one undid it)."""
         batches = self.alignment_batches()
         with torch.no_grad():
             final = measure_alignment(self.model, batches)
@@ -305,9 +306,9 @@ class Evaluation:
             model = ExportedModel(folder, self.exported.base_llm).model()
             with torch.no_grad():
                 scores = measure_alignment(model, batches)
-            accuracy = self.understanding("image", model=model, free=False)["ranked_accuracy"]
-            stages.append({"stage": stage["stage"], "ima_score": scores.ima_score, "image_accuracy": accuracy,
-                           "ima": scores.ima})
+            accuracy = {m: self.understanding(m, model=model, free=False)["ranked_accuracy"] for m in modalities}
+            stages.append({"stage": stage["stage"], "ima_score": scores.ima_score, "accuracy": accuracy,
+                           "image_accuracy": accuracy.get("image"), "ima": scores.ima})
         return {"final": final.to_dict(), "stages": stages}
 
     def dynamic_vs_grid(self) -> dict[str, Any]:
@@ -558,9 +559,11 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
                              f"| {v['seconds']:.2f} |")
     lines += ["", "## IMA", "", f"IMA score of the final model: {report['ima']['final']['ima_score']:.3f} "
               f"(same-layer {report['ima']['final']['same_layer_score']:.3f}).", "",
-              "| stage | IMA score | image accuracy |", "|---|---|---|"]
+              "Ranked accuracy of every modality at each stage's checkpoint:", "",
+              f"| stage | IMA score | {' | '.join(u)} |", "|---|---|" + "---|" * len(u)]
     for s in report["ima"]["stages"]:
-        lines.append(f"| {s['stage']} | {s['ima_score']:.3f} | {pct(s['image_accuracy'])} |")
+        lines.append(f"| {s['stage']} | {s['ima_score']:.3f} | "
+                     + " | ".join(pct(s["accuracy"].get(m)) for m in u) + " |")
     lines += ["", f"Perceptual tokens skipping the FFN from layer k on: ranked image accuracy, and the prefill of the "
               f"{report['skipping']['prompts']} image prompts (best of 2).", "",
               "| FFN skipped from layer | ranked image accuracy | prefill seconds | speedup |", "|---|---|---|---|"]
@@ -593,7 +596,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     logger.info("tokenizers: reconstruction")
     report["reconstruction"] = ev.reconstruction()
     logger.info("IMA: alignment per layer and per stage; FFN skipping")
-    report["ima"] = ev.ima()
+    report["ima"] = ev.ima(list(report["understanding"]))
     report["skipping"] = ev.skipping()
     if cfg.dynamic_model:
         logger.info("the model on the dynamic tokenizer against the grid one")

@@ -42,6 +42,25 @@ def test_evaluate_writes_every_section_and_figure(small_demo_data, tiny_exported
     assert "best of 4 draws" in text and "one draw" in text
 
 
+def test_every_stage_checkpoint_is_read_in_every_modality(small_demo_data, tiny_exported_model, tmp_path):
+    """A model whose training.json names a stage, its checkpoint the final weights: the stage's accuracies are
+    the final model's, for every modality the evaluation reads."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_exported_model, model)
+    shutil.copytree(tiny_exported_model, tmp_path / "model.stages" / "image")
+    (model / "training.json").write_text(json.dumps({"stages": [{"stage": "image"}]}))
+    out = tmp_path / "eval"
+    assert evaluate.main([f"--model={model}", f"--data={small_demo_data}", f"--out={out}", "samples_per_digit=1",
+                          "max_examples=12", "skip_layers=[0]", "best_of=1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    [stage] = report["ima"]["stages"]
+    assert stage["accuracy"] == {m: v["ranked_accuracy"] for m, v in report["understanding"].items()}
+    assert set(stage["accuracy"]) == {"image", "audio", "video"}
+    assert "| stage | IMA score | image | audio | video |" in (out / "report.md").read_text()
+
+
 def test_evaluate_names_a_missing_model(small_demo_data, tmp_path):
     assert evaluate.main([f"--model={tmp_path / 'nothing'}", f"--data={small_demo_data}",
                           f"--out={tmp_path / 'eval'}"]) == 1
