@@ -24,7 +24,7 @@ from actors.sources import ROW_SCHEMA, Part, SourceConfig, enumerate_parts, erro
 from actors.sources import parquet_rows, webdataset_rows
 from actors.tokenize import PreprocessConfig, SequenceConfig, TokenizeActor, preprocess_media, read_media
 from models.configuration import config_to_dict
-from models.sequences import Document, pack_documents
+from models.sequences import ORDERS, Document, pack_documents
 from models.vocabulary import CODEBOOKS
 
 logger = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ def run_parts(cfg: PrepareConfig, out: Output, actor_kwargs: dict[str, Any], pre
 
 def check_config(cfg: PrepareConfig) -> None:
     seq = cfg.sequences
-    for name in ("understanding_fraction", "generation_fraction"):
+    for name in ("understanding_fraction", "generation_fraction", "unconditional_fraction"):
         if not 0.0 <= getattr(seq, name) <= 1.0:
             raise ValueError(f"sequences.{name} must lie in [0, 1], got {getattr(seq, name)}")
     if seq.understanding_fraction == seq.generation_fraction == 0:
@@ -296,11 +296,11 @@ def check_config(cfg: PrepareConfig) -> None:
         if modality not in CODEBOOKS:
             raise ValueError(f"{where}: no such modality (known: {', '.join(CODEBOOKS)})")
         for name, value in fractions.items():
-            if name not in ("understanding", "generation"):
-                raise ValueError(f"{where}.{name}: expected understanding or generation")
+            if name not in ORDERS:
+                raise ValueError(f"{where}.{name}: expected one of {', '.join(ORDERS)}")
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{where}.{name} must lie in [0, 1], got {value}")
-        if seq.fractions(modality) == (0, 0):
+        if seq.fractions(modality)[:2] == (0, 0):
             raise ValueError(f"{where}: understanding and generation cannot both be 0")
     if seq.context_length < 8:
         raise ValueError(f"sequences.context_length must be at least 8, got {seq.context_length}")

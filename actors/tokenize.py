@@ -108,15 +108,19 @@ class SequenceConfig:
     context_length: int = 1024
     understanding_fraction: float = 1.0   # share of pairs emitted as [media, text]
     generation_fraction: float = 1.0      # share of pairs emitted as [text, media]
-    # the two fractions for one modality, e.g. {video: {generation: 0.0}}: clips only read, never made, so a
+    # share of pairs also emitted as [media] alone, the caption left out: the unconditional branch that
+    # classifier-free guidance (guidance_scale > 1) reads; without it that branch is a context never trained on
+    unconditional_fraction: float = 0.0
+    # the fractions for one modality, e.g. {video: {generation: 0.0}}: clips only read, never made, so a
     # stage on them sees twice the reading examples per step (the demo's video reader learns from them)
     by_modality: dict[str, dict[str, float]] = field(default_factory=dict)
     seed: int = 0
 
-    def fractions(self, modality: str) -> tuple[float, float]:
-        """(understanding, generation) fractions of a modality's pairs."""
+    def fractions(self, modality: str) -> tuple[float, float, float]:
+        """(understanding, generation, unconditional) fractions of a modality's pairs."""
         own = self.by_modality.get(modality, {})
-        return own.get("understanding", self.understanding_fraction), own.get("generation", self.generation_fraction)
+        return (own.get("understanding", self.understanding_fraction), own.get("generation", self.generation_fraction),
+                own.get("unconditional", self.unconditional_fraction))
 
 
 class TokenizeActor:

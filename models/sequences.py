@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-ORDERS = ("understanding", "generation")
+ORDERS = ("understanding", "generation", "unconditional")
 
 
 @dataclass
@@ -29,7 +29,8 @@ class PackedRow:
 
 def media_text_documents(sample_id: str, media_block: list[int], text_ids: list[int], orders: Iterable[str],
                          bos_id: int | None, eos_id: int) -> list[Document]:
-    """One document per order: understanding = [media, text] (text is the target), generation = [text, media]."""
+    """One document per order: understanding = [media, text] (text is the target), generation = [text, media],
+    unconditional = [media] alone: what classifier-free guidance conditions its twin row on (bos, then the block)."""
     head = [bos_id] if bos_id is not None else []
     docs = []
     for order in orders:
@@ -37,6 +38,8 @@ def media_text_documents(sample_id: str, media_block: list[int], text_ids: list[
             context, target = media_block, text_ids + [eos_id]
         elif order == "generation":
             context, target = text_ids, media_block + [eos_id]
+        elif order == "unconditional":
+            context, target = [], media_block + [eos_id]
         else:
             raise ValueError(f"unknown order {order!r} (known: {list(ORDERS)})")
         docs.append(Document(f"{sample_id}/{order}", head + context + target,
@@ -79,10 +82,12 @@ def _pad(row: PackedRow, context_length: int, pad_id: int) -> PackedRow:
     return row
 
 
-def choose_orders(sample_id: str, seed: int, understanding: float, generation: float) -> list[str]:
+def choose_orders(sample_id: str, seed: int, understanding: float, generation: float,
+                  unconditional: float = 0.0) -> list[str]:
     """Which orders a pair is emitted in: each with its probability, drawn from (seed, id) so reruns agree.
 
-    A pair drawn for neither order is emitted in the more likely one, so every pair yields a document.
+    A pair drawn for neither understanding nor generation is emitted in the more likely one, so every pair yields
+    a captioned document; an unconditional document comes on top of those (it leaves the caption out).
     """
     import hashlib
 
@@ -91,4 +96,5 @@ def choose_orders(sample_id: str, seed: int, understanding: float, generation: f
         return int.from_bytes(digest[:8], "big") / 2 ** 64
 
     orders = [o for o, p in (("understanding", understanding), ("generation", generation)) if draw(o) < p]
-    return orders or (["understanding"] if understanding >= generation else ["generation"])
+    orders = orders or (["understanding"] if understanding >= generation else ["generation"])
+    return orders + (["unconditional"] if draw("unconditional") < unconditional else [])

@@ -234,10 +234,25 @@ def test_a_modality_can_be_emitted_in_one_order_only(ray_local, inputs, tmp_path
     assert sum(i.endswith("/generation") for i in ids) == stats["ok_rows"] - videos
 
 
+def test_unconditional_documents_are_emitted_for_the_asked_modality_and_counted(ray_local, inputs, tmp_path):
+    cfg = config(inputs, tmp_path / "out")
+    cfg.sequences.by_modality = {"image": {"unconditional": 1.0}}
+    stats = run_prepare(cfg)
+    images = sum(json.loads(line)["modality"] == "image"
+                 for line in (inputs / "data" / "manifest.jsonl").read_text().splitlines())
+    assert stats["error_rows"] == 0 and images > 0
+    assert stats["samples_by_order"]["unconditional"] == images
+    assert stats["output_samples"] == 2 * stats["ok_rows"] + images
+    ids = [i for rows in shard_rows(tmp_path / "out").values() for r in rows for i in r["sample_ids"]]
+    assert sorted(i for i in ids if i.endswith("/unconditional")) == sorted(
+        i.replace("/generation", "/unconditional") for i in ids if i.startswith("img-") and i.endswith("/generation"))
+
+
 @pytest.mark.parametrize("by_modality, message", [
     ({"text": {"generation": 0.0}}, "no such modality"),
-    ({"video": {"making": 0.0}}, "expected understanding or generation"),
+    ({"video": {"making": 0.0}}, "expected one of understanding, generation, unconditional"),
     ({"video": {"generation": 1.5}}, "must lie in [0, 1]"),
+    ({"image": {"unconditional": -0.1}}, "must lie in [0, 1]"),
     ({"audio": {"generation": 0.0, "understanding": 0.0}}, "cannot both be 0"),
 ])
 def test_bad_per_modality_fractions_are_refused_naming_the_key(inputs, tmp_path, by_modality, message):

@@ -13,6 +13,22 @@ def test_understanding_targets_the_text_and_generation_targets_the_media():
     assert (und.sample_id, gen.sample_id) == ("x/understanding", "x/generation")
 
 
+def test_an_unconditional_document_is_the_media_block_alone_after_bos():
+    (uncond,) = media_text_documents("x", [100, 7, 8, 101], [1, 2, 3], ["unconditional"], bos_id=9, eos_id=5)
+    assert uncond.input_ids == [9, 100, 7, 8, 101, 5]      # what guidance's twin row reads: bos, then the block
+    assert uncond.loss_mask == [0, 1, 1, 1, 1, 1]
+    assert uncond.sample_id == "x/unconditional"
+
+
+def test_unconditional_documents_come_on_top_of_the_captioned_ones_at_their_rate():
+    drawn = [choose_orders(f"id{i}", 0, 1.0, 1.0, 0.1) for i in range(2000)]
+    assert all(o[:2] == ["understanding", "generation"] for o in drawn)
+    share = sum("unconditional" in o for o in drawn) / len(drawn)
+    assert 0.08 < share < 0.12
+    assert choose_orders("a", 0, 1.0, 0.0, 1.0) == ["understanding", "unconditional"]
+    assert all("unconditional" not in choose_orders(f"id{i}", 0, 1.0, 1.0) for i in range(200))
+
+
 def test_packing_fills_rows_without_crossing_documents():
     docs = [Document(f"d{i}", [i] * n, [1] * n) for i, n in enumerate([5, 3, 6, 2, 8])]
     rows = pack_documents(docs, context_length=8, pad_id=0)
