@@ -33,7 +33,7 @@ class SamplingParams:
     top_k: int = 0                     # 0: no top-k cut
     seed: int | None = None            # the same seed and request give the same tokens; None: a fresh seed
     modalities: tuple[str, ...] = ("text",)   # what the reply may hold; one media modality alone forces that block
-    guidance_scale: float = 1.0        # classifier-free guidance inside image and video blocks; 1: off
+    guidance_scale: float = 1.0        # classifier-free guidance inside media blocks; 1: off
     best_of: int = 1                   # a media-only reply: draw this many, keep the one the model reads the prompt
                                        # back from most likely (TokenGenerator.pick); 1: off
 
@@ -221,8 +221,8 @@ class RowState:
             self.codes += 1
 
     @property
-    def in_visual_block(self) -> bool:
-        return self.mode in ("image", "video")
+    def in_block(self) -> bool:
+        return self.mode != "text"
 
 
 def sample_token(logits: torch.Tensor, allowed: torch.Tensor, params: SamplingParams,
@@ -274,7 +274,8 @@ def decode_steps(model, grammar: ModalityGrammar, prompts: Sequence[Sequence[int
     """Decode a batch step by step: yields, per step, each request's new id (None once it has finished).
 
     `model` is a MultimodalLM; `uncond_prompt` starts the unconditional twin of a request with
-    guidance_scale > 1 (the twin only sees the request's image and video blocks).
+    guidance_scale > 1 (the twin only sees the request's media blocks, as the unconditional documents of
+    training show them: bos, then the block).
     """
     if len(prompts) != len(params) or not prompts:
         raise ValueError(f"expected one SamplingParams per prompt and at least one prompt, got {len(prompts)} "
@@ -312,17 +313,16 @@ def decode_steps(model, grammar: ModalityGrammar, prompts: Sequence[Sequence[int
                 continue
             row_logits = logits[r]
             twin = next((t for t, owner in rows.twin_of.items() if owner == r), None)
-            if twin is not None and state.in_visual_block:
+            if twin is not None and state.in_block:
                 row_logits = logits[twin] + p.guidance_scale * (logits[r] - logits[twin])
             token = sample_token(row_logits, state.allowed(p.max_new_tokens - step), p, rows.generators[r])
-            entering = token == grammar.vocab.special_id(BOUNDARIES["image"][0]) or \
-                token == grammar.vocab.special_id(BOUNDARIES["video"][0])
-            visual = state.in_visual_block or entering
+            was_in_block = state.in_block
             state.advance(token)
+            in_block = was_in_block or state.in_block      # a block's opening, codes and closing reach the twin
             if step + 1 >= p.max_new_tokens:
                 state.done = True
             new[r], new_mask[r] = token, 1
-            if twin is not None and visual:
+            if twin is not None and in_block:
                 new[twin], new_mask[twin] = token, 1
             out.append(token)
         yield out

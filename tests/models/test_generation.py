@@ -195,12 +195,15 @@ def test_best_of_keeps_the_draw_that_reads_the_prompt_back_best(parts):
         gen.generate([media_prompt], [request])
 
 
-def test_guidance_steers_image_blocks_only(parts):
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_guidance_steers_media_blocks_only(parts, modality):
     encoder, gen, decoder = parts
     prompt = prompt_ids(encoder, "a seven")
-    plain = gen.generate(prompt, [SamplingParams(30, temperature=0, modalities=("image",))])[0]
-    guided = gen.generate(prompt, [SamplingParams(30, temperature=0, modalities=("image",), guidance_scale=3.0)])[0]
-    assert check_well_formed(guided.ids, gen, decoder, {"image"}) == ["image"] and guided.ids != plain.ids
+    budget = gen.grammar.shapes[modality].min_tokens + 4
+    plain = gen.generate(prompt, [SamplingParams(budget, temperature=0, modalities=(modality,))])[0]
+    guided = gen.generate(prompt, [SamplingParams(budget, temperature=0, modalities=(modality,),
+                                                  guidance_scale=3.0)])[0]
+    assert check_well_formed(guided.ids, gen, decoder, {modality}) == [modality] and guided.ids != plain.ids
     text = [SamplingParams(12, temperature=0, guidance_scale=g) for g in (1.0, 3.0)]
     assert gen.generate(prompt * 2, text)[0].ids == gen.generate(prompt * 2, text)[1].ids
 
