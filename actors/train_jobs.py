@@ -209,6 +209,9 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
         build = partial(_build_stage, config, previous, stage.train, stage.adapters_from)
         result = fit(Job(build=build, loop=loop, data=data, datasets=datasets), export_to=stages_dir / stage.name)
         previous = str(result.export)
+        # each stage's folder is a whole model (evaluate and serve read it): the tokenizers it was trained with
+        _copy_tree(Path(cfg.data) / "tokenizers", Path(previous) / "tokenizers")
+        _copy_tree(Path(cfg.data) / "text_tokenizer", Path(previous) / "text_tokenizer")
         summary.append({"stage": stage.name, "train": stage.train, "mix": stage.mix, "steps": stage.steps,
                         "adapters_from": stage.adapters_from, "model": stage.model,
                         "final_loss": result.history[-1].get("loss") if result.history else None,
@@ -219,11 +222,9 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
 
 
 def _finish_export(cfg: TealConfig, last: Path, out: Path, stages_dir: Path, summary: list[dict]) -> None:
-    """The model folder a server loads: the last stage's weights and config, the tokenizers and text tokenizer
-    it was trained with, every stage's metrics, and where the base LLM is."""
+    """The model folder a server loads: the last stage's folder (weights, config, the tokenizers and text tokenizer
+    it was trained with), every stage's metrics, and where the base LLM is."""
     _copy_tree(last, out)
-    _copy_tree(Path(cfg.data) / "tokenizers", out / "tokenizers")
-    _copy_tree(Path(cfg.data) / "text_tokenizer", out / "text_tokenizer")
     with (out / "metrics.jsonl").open("w") as sink:
         for stage in summary:
             for line in (stages_dir / stage["stage"] / "metrics.jsonl").read_text().splitlines():

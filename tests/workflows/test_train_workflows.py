@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models import ImageVQConfig, ImageVQTokenizer, QuantizerConfig, load_pretrained
+from models.exported import ExportedModel
 from models.media import write_png
 from models.sequences import media_text_documents, pack_documents
 from models.vocabulary import JointVocabulary
@@ -168,6 +169,9 @@ def test_train_runs_the_stages_in_order_and_exports_one_model_folder(ray_local, 
     assert [s["stage"] for s in training["stages"]] == ["image", "copy", "joint"]
     assert all(s["frozen_llm_unchanged"] for s in training["stages"])
     stages = tmp_path / "model.stages"
+    for stage in ("image", "copy", "joint"):        # every stage's folder is a model evaluate and serve can open
+        assert (stages / stage / "text_tokenizer" / "tokenizer.json").is_file()
+        assert set(ExportedModel(stages / stage).media_tokenizers()) == {"image", "audio"}
     first, last = load_pretrained(stages / "image"), load_pretrained(out)
     # stage 1 trained the image rows only: the audio rows are still as initialised, and stage 2 moved on from it
     fresh = initial_audio_rows(prepared, tiny_llm_path)
