@@ -217,7 +217,7 @@ class Evaluation:
                 prompts.append(self.encoder.encode([text]).ids)
                 params.append(SamplingParams(max_new_tokens=shape.max_tokens + 3, temperature=cfg.temperature,
                                              top_k=cfg.top_k, seed=cfg.seed + 1000 * d + s, modalities=(modality,),
-                                             guidance_scale=cfg.guidance_scale if modality == "image" else 1.0,
+                                             guidance_scale=cfg.guidance_scale,
                                              best_of=best_of))
                 labels.append(d)
         started = time.perf_counter()
