@@ -9,7 +9,7 @@ from workflows.config import CONFIG_DIR, load_config
 def test_shapes_at_demo_scale(seeded):
     tok = ImageVQTokenizer(load_config(ImageVQConfig, CONFIG_DIR / "tokenizers" / "image_vq_demo.yaml")).eval()
     codes = tok.encode(torch.rand(3, 3, 32, 32))
-    assert codes.shape == (3, 64) and codes.dtype == torch.long
+    assert codes.shape == (3, 16) and codes.dtype == torch.long
     assert 0 <= int(codes.min()) and int(codes.max()) < 512
     assert tok.decode(codes).shape == (3, 3, 32, 32)
 

@@ -52,7 +52,7 @@ def test_train_tokenizer_exports_a_tokenizer_that_loads_and_a_video_tokenizer_th
     assert code == 0
     image = load_pretrained(tmp_path / "image")
     assert isinstance(image, ImageVQTokenizer) and image.codebook_size == 64
-    assert image.encode(torch.rand(2, 3, 32, 32)).shape == (2, 64)
+    assert image.encode(torch.rand(2, 3, 32, 32)).shape == (2, 16)
     assert (tmp_path / "image" / "metrics.jsonl").read_text().count("\n") == 3      # steps 2, 4, 6
 
     # nothing to train (loop.steps=0): the video tokenizer is built on the image tokenizer's very weights
