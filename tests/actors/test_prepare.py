@@ -55,6 +55,10 @@ def config(inputs: Path, out: Path, **source) -> PrepareConfig:
                          tokenize=TokenizeConfig(concurrency=2, batch_size=16))
 
 
+def manifest_rows(inputs: Path) -> list[dict]:
+    return [json.loads(line) for line in (inputs / "data" / "manifest.jsonl").read_text().splitlines()]
+
+
 def shard_rows(out: Path) -> dict[str, list[dict]]:
     return {split: [r for f in sorted((out / split).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
             for split in ("train", "val", "test") if (out / split).exists()}
@@ -77,7 +81,7 @@ def demo_run(ray_local, inputs, tmp_path_factory):
 
 def test_demo_data_goes_through_and_the_counts_reconcile(demo_run, inputs):
     out, stats = demo_run
-    manifest = (inputs / "data" / "manifest.jsonl").read_text().splitlines()
+    manifest = manifest_rows(inputs)
     assert stats["input_rows"] == len(manifest) == 30 + 20 + 6
     assert stats["ok_rows"] + stats["error_rows"] == stats["input_rows"]
     assert stats["error_rows"] == 0 and not (out / "errors").exists()
@@ -110,7 +114,7 @@ def test_shards_decode_back_to_the_tokenizers_codes_in_both_orders(demo_run, inp
     out, _ = demo_run
     vocab = JointVocabulary.from_pretrained(out)
     rows = [r for split in shard_rows(out).values() for r in split]
-    manifest = [json.loads(line) for line in (inputs / "data" / "manifest.jsonl").read_text().splitlines()]
+    manifest = manifest_rows(inputs)
     data = inputs / "data"
     checks = {
         "image": lambda b: load_pretrained(out / "tokenizers" / "image").encode(
@@ -224,8 +228,7 @@ def test_a_modality_can_be_emitted_in_one_order_only(ray_local, inputs, tmp_path
     cfg = config(inputs, tmp_path / "out")
     cfg.sequences.by_modality = {"video": {"generation": 0.0}}
     stats = run_prepare(cfg)
-    videos = sum(json.loads(line)["modality"] == "video"
-                 for line in (inputs / "data" / "manifest.jsonl").read_text().splitlines())
+    videos = sum(r["modality"] == "video" for r in manifest_rows(inputs))
     assert stats["error_rows"] == 0 and videos == 6
     assert stats["samples_by_order"] == {"understanding": stats["ok_rows"], "generation": stats["ok_rows"] - videos}
     ids = [i for rows in shard_rows(tmp_path / "out").values() for r in rows for i in r["sample_ids"]]
@@ -238,8 +241,7 @@ def test_unconditional_documents_are_emitted_for_the_asked_modality_and_counted(
     cfg = config(inputs, tmp_path / "out")
     cfg.sequences.by_modality = {"image": {"unconditional": 1.0}}
     stats = run_prepare(cfg)
-    images = sum(json.loads(line)["modality"] == "image"
-                 for line in (inputs / "data" / "manifest.jsonl").read_text().splitlines())
+    images = sum(r["modality"] == "image" for r in manifest_rows(inputs))
     assert stats["error_rows"] == 0 and images > 0
     assert stats["samples_by_order"]["unconditional"] == images
     assert stats["output_samples"] == 2 * stats["ok_rows"] + images
@@ -273,7 +275,7 @@ def test_rows_of_a_modality_without_a_tokenizer_are_rejected_before_reading_and_
     cfg = config(inputs, tmp_path / "out")
     cfg.tokenizers = str(tmp_path / "tokenizers")
     stats = run_prepare(cfg)
-    manifest = [json.loads(line) for line in (inputs / "data" / "manifest.jsonl").read_text().splitlines()]
+    manifest = manifest_rows(inputs)
     others = {r["id"] for r in manifest if r["modality"] != "image"}
     errors = {r["id"]: f"{r['stage']}:{r['error_type']}" for f in (tmp_path / "out" / "errors").glob("*.parquet")
               for r in pq.read_table(f).to_pylist()}
