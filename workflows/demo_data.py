@@ -47,6 +47,12 @@ class DemoDataConfig:
     seed: int = 0
     image_size: int = 32
     images: int = -1                  # how many of the 1,797 digit images; -1 = all
+    # extra copies of each training-split image, each turned, scaled and shifted at random (val and test keep
+    # their originals alone): the TEAL model reads the training digits at 97 % and the held-out ones at 72 %
+    image_augment: int = 0
+    augment_degrees: float = 12.0     # turned by up to this many degrees either way
+    augment_scale: float = 0.1        # scaled by up to this share either way
+    augment_shift: float = 0.1        # moved by up to this share of the side either way
     audio_per_digit: int = 60         # spoken clips of each digit word (voices, pitches, speeds vary)
     sample_rate: int = 16000
     videos: int = 400
@@ -97,6 +103,41 @@ def build_images(cfg: DemoDataConfig, out: Path, rng: np.random.Generator) -> tu
         rows.append({"id": f"img-{i:05d}", "modality": "image", "path": path, "text": text, "label": int(label),
                      "split": split})
     return rows, images
+
+
+def augment_images(images: torch.Tensor, copies: int, cfg: DemoDataConfig, rng: np.random.Generator) -> torch.Tensor:
+    """(N * copies, 3, H, W): every image `copies` times, each copy turned, scaled and shifted at random (what the
+    transform brings in from outside the image is paper)."""
+    source = images.repeat_interleave(copies, dim=0)
+    n = len(source)
+    angle = np.deg2rad(rng.uniform(-cfg.augment_degrees, cfg.augment_degrees, n))
+    scale = rng.uniform(1 - cfg.augment_scale, 1 + cfg.augment_scale, n)
+    shift = rng.uniform(-cfg.augment_shift, cfg.augment_shift, (n, 2)) * 2    # affine_grid spans [-1, 1]
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale                   # output -> input coordinates
+    theta = torch.tensor(np.stack([np.stack([cos, -sin, shift[:, 0]], 1), np.stack([sin, cos, shift[:, 1]], 1)], 1),
+                         dtype=torch.float32)
+    grid = F.affine_grid(theta, list(source.shape), align_corners=False)
+    ink = F.grid_sample(1.0 - source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (1.0 - ink).clamp(0, 1)
+
+
+def build_augmented(cfg: DemoDataConfig, out: Path, image_rows: list[dict], images: torch.Tensor) -> list[dict]:
+    """cfg.image_augment transformed copies of each training image, as more training rows (ids img-NNNNN-aM)."""
+    train = [i for i, r in enumerate(image_rows) if r["split"] == "train"]
+    if cfg.image_augment <= 0 or not train:
+        return []
+    rng = np.random.default_rng([cfg.seed, 1])     # its own stream: the other rows are the same bytes either way
+    copies = augment_images(images[train], cfg.image_augment, cfg, rng)
+    rows = []
+    for k, image in enumerate(copies):
+        source = image_rows[train[k // cfg.image_augment]]
+        label = source["label"]
+        ident = f"{source['id']}-a{k % cfg.image_augment + 1}"
+        path = f"images/{ident}.png"
+        write_png(image, out / path)
+        text = IMAGE_CAPTIONS[rng.integers(len(IMAGE_CAPTIONS))].format(d=label, w=WORDS[label])
+        rows.append({"id": ident, "modality": "image", "path": path, "text": text, "label": label, "split": "train"})
+    return rows
 
 
 def speak(word: str, voice: str, pitch: int, speed: int, sample_rate: int) -> torch.Tensor:
@@ -216,7 +257,9 @@ def build_demo_data(cfg: DemoDataConfig) -> dict:
     logger.info("audio: %d spoken digits at %d Hz", len(audio_rows), cfg.sample_rate)
     video_rows = build_video(cfg, out, rng, image_rows, images)
     logger.info("video: %d clips", len(video_rows))
-    rows = image_rows + audio_rows + video_rows
+    augmented_rows = build_augmented(cfg, out, image_rows, images)
+    logger.info("augmented images: %d", len(augmented_rows))
+    rows = image_rows + augmented_rows + audio_rows + video_rows
     write_manifest(rows, out)
     counts: dict[str, dict[str, int]] = {}
     for row in rows:

@@ -145,3 +145,41 @@ def test_clip_settings_that_cannot_be_drawn_are_refused(tmp_path, overrides, mes
     with pytest.raises(ValueError, match=message):
         build_demo_data(DemoDataConfig(out=str(tmp_path / "x"), images=5, audio_per_digit=1, **overrides))
     assert not (tmp_path / "x").exists()
+
+
+def test_augmented_copies_are_more_training_rows_and_change_nothing_else(small_demo, tmp_path):
+    out = tmp_path / "augmented"
+    build_demo_data(DemoDataConfig(out=str(out), seed=7, image_augment=2, **SMALL))
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (small_demo / "manifest.jsonl").read_text().splitlines()]
+    copies = [r for r in rows if "-a" in r["id"]]
+    assert [r for r in rows if r not in copies] == plain                      # the same rows, the same bytes
+    before, after = digest(small_demo), digest(out)
+    assert all(after[name] == digest_ for name, digest_ in before.items()
+               if not name.startswith("manifest") and name != "demo_data.json")
+    train = [r for r in plain if r["modality"] == "image" and r["split"] == "train"]
+    assert sorted(r["id"] for r in copies) == sorted(f"{r['id']}-a{k}" for r in train for k in (1, 2))
+    by_id = {r["id"]: r for r in train}
+    for copy in copies:
+        source = by_id[copy["id"].rsplit("-a", 1)[0]]
+        assert copy["split"] == "train" and copy["label"] == source["label"]
+        assert str(copy["label"]) in copy["text"] or copy["text"].split()[-1] in (
+            "zero one two three four five six seven eight nine".split())
+        image, original = read_image(out / copy["path"]), read_image(out / source["path"])
+        ink, ink_before = float((1 - image).sum()), float((1 - original).sum())
+        assert (image - original).abs().max() > 0.2                        # moved, turned or scaled ...
+        assert 0.7 < ink / ink_before < 1.4                                # ... but the same digit's ink
+
+
+def test_an_augmentation_of_nothing_is_the_image_itself(digits):
+    import numpy as np
+
+    from workflows.demo_data import augment_images
+
+    images, _ = digits
+    still = DemoDataConfig(augment_degrees=0.0, augment_scale=0.0, augment_shift=0.0)
+    same = augment_images(images[:4], 3, still, np.random.default_rng(0))
+    assert same.shape == (12, 3, 32, 32)
+    assert (same - images[:4].repeat_interleave(3, dim=0)).abs().max() < 1e-4
+    moved = augment_images(images[:4], 3, DemoDataConfig(), np.random.default_rng(0))
+    assert (moved - same).abs().amax(dim=(1, 2, 3)).min() > 0.1           # every copy changed
