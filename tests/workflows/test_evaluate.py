@@ -97,3 +97,29 @@ def test_loss_curves_come_from_every_run_once(tmp_path):
         (tmp_path / run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     found = evaluate.metric_files(evaluate.EvaluateConfig(model=str(tmp_path / "model")))
     assert [str(p.relative_to(tmp_path).parent) for p in found] == ["model", "model_dynamic", "tokenizers/image"]
+
+
+def test_generation_samples_at_the_temperature_it_is_given(small_demo_data, tiny_exported_model, tmp_path):
+    """Six prompts a digit over five caption phrasings: greedy decoding draws the same image for the two prompts
+    that share a phrasing, sampling at 1.0 draws a different one every time."""
+    ev = evaluate.Evaluation(evaluate.EvaluateConfig(model=str(tiny_exported_model), data=str(small_demo_data),
+                                                     out=str(tmp_path / "eval"), samples_per_digit=6))
+    ev.train_judges()
+    assert ev.generate("image", 1, temperature=0.0)["distinct"] == pytest.approx(5 / 6)
+    assert ev.generate("image", 1, temperature=1.0)["distinct"] == 1.0
+
+
+def test_generation_is_judged_at_every_temperature_of_the_sweep(small_demo_data, tiny_exported_model, tmp_path):
+    out = tmp_path / "eval"
+    assert evaluate.main([f"--model={tiny_exported_model}", f"--data={small_demo_data}", f"--out={out}",
+                          "samples_per_digit=1", "max_examples=4", "skip_layers=[0]", "best_of=2", "temperature=0.5",
+                          "temperatures=[1.0, 0.5, 0.0]"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for values in report["generation"].values():
+        assert values["temperature"] == 0.5
+        assert [r["temperature"] for r in values["by_temperature"]] == [0.5, 1.0, 0.0]     # 0.5 judged once
+        headline = values["by_temperature"][0]
+        assert (headline["one_draw_accuracy"], headline["judged_accuracy"]) == (
+            values["one_draw_accuracy"], values["judged_accuracy"])
+    text = (out / "report.md").read_text()
+    assert "best of 2 draws at temperature 0.5" in text and "| image | 0 |" in text and "| audio | 1 |" in text
