@@ -125,7 +125,8 @@ def test_command_line_builds_the_data(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "demo_data.json").read_text())
-    assert summary["rows"] == 32 and summary["seed"] == 1
+    assert summary["rows"] == 32 + 4 * 16 and summary["seed"] == 1      # demo_data.yaml: 4 copies of 16 training images
+    assert summary["counts"]["image"] == {"train": 16 + 64, "val": 2, "test": 2}
 
 
 def test_missing_espeak_says_what_to_do(tmp_path, monkeypatch):
