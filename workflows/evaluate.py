@@ -577,7 +577,8 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
     if "dynamic_vs_grid" in report:
         d = report["dynamic_vs_grid"]
         lines += ["", f"Image understanding after the `{d['stage']}` stage, trained on each tokenizer's tokens "
-                  "(its config in each model's training.json):", "", "| image tokenizer | prompt tokens (mean) | steps | ranked image accuracy | seconds |",
+                  "(its config in each model's training.json):", "",
+                  "| image tokenizer | prompt tokens (mean) | steps | ranked image accuracy | seconds |",
                   "|---|---|---|---|---|"]
         for name in ("grid", "dynamic"):
             if name in d:
