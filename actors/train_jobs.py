@@ -110,6 +110,7 @@ class StageConfig:
     mix: dict[str, float] = field(default_factory=dict)         # modality -> weight; empty: all shards
     steps: int = 100
     lr: float | None = None            # default: loop.optim.lr
+    micro_batch_size: int | None = None   # rows per worker and step; default: loop.micro_batch_size
     # model fields set for this stage on top of the run's `model` (nested keys merge): e.g. {sea: {weight: 0}},
     # {media_loss_weight: 0.1}; fields that shape the weights (sizes, LoRA rank) cannot change between stages
     model: dict[str, Any] = field(default_factory=dict)
@@ -196,8 +197,9 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
     previous: str | None = cfg.init_from
     summary = []
     for i, (stage, config) in enumerate(zip(cfg.stages, configs)):
+        own = {"micro_batch_size": stage.micro_batch_size} if stage.micro_batch_size is not None else {}
         loop = config_from_dict(LoopConfig, {**config_to_dict(cfg.loop), "name": f"{cfg.name}-{stage.name}",
-                                             "steps": stage.steps})
+                                             "steps": stage.steps, **own})
         if stage.lr is not None:
             loop.optim = OptimOptions(**{**config_to_dict(loop.optim), "lr": stage.lr})
         data = DataConfig(kind="sequences", path=cfg.data, mix=stage.mix, cache_max_mb=cfg.cache_max_mb)
@@ -213,6 +215,7 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
         _copy_tree(Path(cfg.data) / "tokenizers", Path(previous) / "tokenizers")
         _copy_tree(Path(cfg.data) / "text_tokenizer", Path(previous) / "text_tokenizer")
         summary.append({"stage": stage.name, "train": stage.train, "mix": stage.mix, "steps": stage.steps,
+                        "micro_batch_size": loop.micro_batch_size, "lr": loop.optim.lr,
                         "adapters_from": stage.adapters_from, "model": stage.model,
                         "final_loss": result.history[-1].get("loss") if result.history else None,
                         "val": result.val, "resumed_from": result.resumed_from,

@@ -160,13 +160,16 @@ def test_train_runs_the_stages_in_order_and_exports_one_model_folder(ray_local, 
                        "stages=[{name: image, train: [special, image, lora.image], mix: {image: 1}, steps: 6},"
                        " {name: copy, train: [special], mix: {image: 1}, steps: 2, adapters_from: {audio: image},"
                        "  model: {media_loss_weight: 0.0}},"
-                       " {name: joint, train: [all], mix: {image: 1, audio: 1}, steps: 6, lr: 0.01}]"])
+                       " {name: joint, train: [all], mix: {image: 1, audio: 1}, steps: 6, lr: 0.01,"
+                       "  micro_batch_size: 2}]"])
     assert code == 0
     for name in ("config.json", "model.safetensors", "vocabulary.json", "tokenizers/image/config.json",
                  "tokenizers/audio/config.json", "text_tokenizer/tokenizer.json", "metrics.jsonl", "training.json"):
         assert (out / name).is_file(), name
     training = json.loads((out / "training.json").read_text())
     assert [s["stage"] for s in training["stages"]] == ["image", "copy", "joint"]
+    # a stage's own loop settings: the joint stage's learning rate and rows a step, the others the run's
+    assert [(s["lr"], s["micro_batch_size"]) for s in training["stages"]] == [(0.03, 4), (0.03, 4), (0.01, 2)]
     assert all(s["frozen_llm_unchanged"] for s in training["stages"])
     stages = tmp_path / "model.stages"
     for stage in ("image", "copy", "joint"):        # every stage's folder is a model evaluate and serve can open
