@@ -12,7 +12,7 @@ from typing import Any
 
 from actors.sources import manifest_rows
 from actors.train_data import DataConfig, media_dataset, preprocess_for_model, sequence_dataset, text_dataset
-from actors.train_loop import Job, LoopConfig, OptimOptions, RunResult, fit
+from actors.train_loop import Job, LoopConfig, RunResult, fit
 from models.clip import TEXT_TOKENIZER_DIR
 from models.configuration import config_from_dict, config_to_dict
 from models.pretrained import WEIGHTS_FILE, build_model, write_json
@@ -197,11 +197,12 @@ def train_teal(cfg: TealConfig) -> dict[str, Any]:
     previous: str | None = cfg.init_from
     summary = []
     for i, (stage, config) in enumerate(zip(cfg.stages, configs)):
-        own = {"micro_batch_size": stage.micro_batch_size} if stage.micro_batch_size is not None else {}
-        loop = config_from_dict(LoopConfig, {**config_to_dict(cfg.loop), "name": f"{cfg.name}-{stage.name}",
-                                             "steps": stage.steps, **own})
+        own: dict[str, Any] = {"name": f"{cfg.name}-{stage.name}", "steps": stage.steps}
+        if stage.micro_batch_size is not None:
+            own["micro_batch_size"] = stage.micro_batch_size
         if stage.lr is not None:
-            loop.optim = OptimOptions(**{**config_to_dict(loop.optim), "lr": stage.lr})
+            own["optim"] = {"lr": stage.lr}
+        loop = config_from_dict(LoopConfig, merged(config_to_dict(cfg.loop), own))
         data = DataConfig(kind="sequences", path=cfg.data, mix=stage.mix, cache_max_mb=cfg.cache_max_mb)
         datasets = {"train": sequence_dataset(data, "train")}
         if (Path(cfg.data) / "val").is_dir():
