@@ -2,8 +2,8 @@
 reconstruction quality. Pure PyTorch + scikit-learn; workflows/evaluate.py runs it on the demo's test split.
 
 Understanding is measured by ranking: for each prompt (bos + media block) every candidate answer is scored by
-log p(answer + eos | prompt) under the softmax the grammar uses outside media blocks (text and specials, as the
-model was trained), and the best-scoring candidate is the prediction. Free-running greedy answers are measured
+log p(answer + eos | prompt) under the softmax a text reply is drawn from (the text ids: the grammar lets a
+text reply open no media block), and the best-scoring candidate is the prediction. Free-running greedy answers are measured
 too (`mentioned_label`), which is what a user of the server sees.
 """
 from __future__ import annotations
@@ -47,16 +47,19 @@ def prompt_answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Seq
                            batch_size: int = 32, before_forward: Callable[[torch.Tensor], None] | None = None,
                            cache_tokens: int = 2 ** 19) -> torch.Tensor:
     """(N, A): log p(answers[a] | prompts[n]) for every prompt and every answer, each answer token scored under
-    the text-and-specials softmax (how the model was trained outside media blocks).
+    the softmax a text reply is drawn from: the text ids alone, as the generator's grammar allows a reply that may
+    not open a media block. (Training's softmax outside blocks holds the block openings too, and a model that has
+    learned "seven [AUD]" from its spoken-digit rows would otherwise score "the digit seven" lower after an image
+    for a reason that is not the image.)
 
     Each prompt is run once; its KV cache is repeated for all the answers, which are scored in one more forward
     pass. Prompts share a batch by left padding; a batch holds at most `batch_size` prompts and about
     `cache_tokens` cached positions once repeated. `before_forward(ids)` runs before every forward pass with the
     ids that pass processes (PerceptualSkipping.set_tokens, for one)."""
     vocab: JointVocabulary = model.vocab
-    outside = vocab.grammar_groups()[0]
+    reply = torch.arange(vocab.text_size)
     column = torch.full((vocab.size,), -1, dtype=torch.long)
-    column[outside] = torch.arange(len(outside))
+    column[reply] = torch.arange(len(reply))
     device = next(model.parameters()).device
     n_answers, width = len(answers), max(map(len, answers))
     if min(map(len, answers)) == 0:
@@ -67,8 +70,8 @@ def prompt_answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Seq
         answer_ids[i, : len(answer)], answer_mask[i, : len(answer)] = torch.as_tensor(list(answer)), 1
     targets = torch.where(answer_mask.bool(), column[answer_ids], 0)
     if (targets[answer_mask.bool()] < 0).any():
-        raise ValueError("an answer holds ids that are not text or specials")
-    outside, targets, answer_mask = outside.to(device), targets.to(device), answer_mask.to(device)
+        raise ValueError("an answer holds ids that are not text")
+    reply, targets, answer_mask = reply.to(device), targets.to(device), answer_mask.to(device)
     scores, start = [], 0
     while start < len(prompts):
         length = max(map(len, prompts[start:start + batch_size]))
@@ -86,7 +89,7 @@ def prompt_answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Seq
             before_forward(feed)
         rest, _ = model.next_token_logits(feed, feed_mask, positions, cache, use_cache=True, keep=width)
         logits = torch.cat([first.repeat_interleave(n_answers, 0)[:, None], rest[:, :-1]], dim=1)  # (chunk*A, width, V)
-        logp = logits[..., outside].float().log_softmax(-1)
+        logp = logits[..., reply].float().log_softmax(-1)
         picked = logp.gather(-1, targets.repeat(len(chunk), 1)[..., None])[..., 0]
         scores.append((picked * answer_mask.repeat(len(chunk), 1)).sum(-1).view(len(chunk), n_answers).cpu())
     return torch.cat(scores) if scores else torch.zeros(0, n_answers)

@@ -20,15 +20,28 @@ def test_every_answer_to_every_prompt_is_the_sum_of_its_next_token_logprobs_over
     # two prompts per batch and a small cache budget: left padding, the repeated cache and right-padded answers
     scores = prompt_answer_logprobs(model, prompts, answers, batch_size=2, cache_tokens=24)
     assert scores.shape == (3, 3)
-    text = model.vocab.grammar_groups()[0]
+    text = torch.arange(model.vocab.text_size)
     column = {int(t): i for i, t in enumerate(text)}
     for n, prompt in enumerate(prompts):
         for a, answer in enumerate(answers):
             with torch.no_grad():
                 _, logits = model.hidden_and_logits(torch.tensor([prompt + answer]))
-            logp = logits[0, :, text].log_softmax(-1)       # what the model was trained with outside media blocks
+            logp = logits[0, :, text].log_softmax(-1)       # what a text reply is drawn from
             want = sum(float(logp[len(prompt) - 1 + j, column[t]]) for j, t in enumerate(answer))
             assert abs(float(scores[n, a]) - want) < 1e-4
+
+
+def test_a_text_answer_is_scored_without_the_block_openings_the_model_could_write_instead(tiny_llm_path,
+                                                                                        text_tokenizer_path):
+    # a model that learned "seven [AUD]" from spoken-digit rows: how likely a block opening is after a word must not
+    # move the word's score as an answer, since a text reply may not open a block
+    model = make_model(tiny_llm_path, text_tokenizer_path)
+    prompts, answers = [[2] + model.vocab.wrap("image", torch.tensor([3, 5])), [2, 4]], [[9, 10, 1], [11, 1]]
+    before = prompt_answer_logprobs(model, prompts, answers)
+    with torch.no_grad():
+        model.heads["special"].weight.normal_(std=5.0)
+    after = prompt_answer_logprobs(model, prompts, answers)
+    assert torch.allclose(before, after, atol=1e-5)
 
 
 def test_rank_answers_scores_each_candidate_by_its_best_phrasing(tiny_llm_path, text_tokenizer_path):
