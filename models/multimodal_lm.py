@@ -41,6 +41,11 @@ class LoraConfig:
     # LoRA+ (Hayou et al., 2024): the B matrices learn at this multiple of the learning rate. B starts at zero and
     # A at random; at one rate for both, the update B A grows slowly. 1: plain LoRA.
     b_lr_ratio: float = 1.0
+    # per_modality: the adapter the tokens inside a modality's blocks go through, where not the modality's own; its
+    # closing boundary and the text after it still go through its own. {video: image}: a clip's frames, which are
+    # image codes, are read as images are (X-LLM's video interface is its image one over each frame), and the video
+    # adapter learns only what reading a clip adds (which way it moves)
+    inside: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,6 +119,10 @@ class MultimodalLM(Pretrained):
             apply_lora(self.llm, config.lora.targets, config.lora.rank, config.lora.alpha, self.lora_adapters,
                        self.lora_route)
         self.routed = config.lora.rank > 0 and config.lora.adapters == "per_modality"
+        unknown = sorted({*config.lora.inside, *config.lora.inside.values()} - set(self.lora_adapters))
+        if config.lora.inside and (not self.routed or unknown):
+            raise ValueError(f"lora.inside {config.lora.inside} names adapters this model lacks (its per-modality "
+                             f"adapters: {self.lora_adapters if self.routed else []})")
         self.sea_labeler = SeaLabeler(config, self.vocab) if config.sea.weight > 0 else None
         self.set_trainable(["all"])
 
@@ -238,22 +247,27 @@ class MultimodalLM(Pretrained):
     def lora_routes(self, ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
                     carried: torch.Tensor | None = None) -> torch.Tensor | None:
         """(B, T) ids -> (B, T) the per-modality adapter of each token: that of the last block opened at or before
-        it within its document (the boundary and the text after the block included), -1 before any; `carried`
-        (B,): the route of the tokens before these (generation). None: no routing (no or one shared adapter)."""
+        it within its document (the boundary and the text after the block included; lora.inside: the block's
+        inside through another's), -1 before any; `carried` (B,): the route of the tokens before these
+        (generation). None: no routing (no or one shared adapter)."""
         if not self.routed:
             return None
-        opened = torch.full_like(ids, -1)
-        for i, modality in enumerate(self.lora_adapters):
-            opened = torch.where(ids == self.vocab.special_id(BOUNDARIES[modality][0]), i, opened)
+        index = {m: i for i, m in enumerate(self.lora_adapters)}
+        marks = torch.full_like(ids, -1)         # where the route changes, to which adapter
+        for modality, i in index.items():
+            start, end = (self.vocab.special_id(t) for t in BOUNDARIES[modality])
+            marks = torch.where(ids == start, index[self.config.lora.inside.get(modality, modality)], marks)
+            if modality in self.config.lora.inside:
+                marks = torch.where(ids == end, i, marks)
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        last = torch.where(opened >= 0, positions, -1).cummax(dim=1).values
+        last = torch.where(marks >= 0, positions, -1).cummax(dim=1).values
         if doc_ids is None:
             doc_start = torch.zeros_like(ids)
         else:
             starts = torch.ones_like(ids, dtype=torch.bool)
             starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
             doc_start = torch.where(starts, positions, 0).cummax(dim=1).values
-        routes = torch.where(last >= doc_start, opened.gather(1, last.clamp(min=0)), -1)
+        routes = torch.where(last >= doc_start, marks.gather(1, last.clamp(min=0)), -1)
         if carried is not None:
             routes = torch.where((last < 0) & (doc_start == 0), carried.to(ids.device)[:, None], routes)
         return routes

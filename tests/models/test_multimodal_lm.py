@@ -166,6 +166,23 @@ def test_each_token_goes_through_the_adapter_of_the_block_it_follows_within_its_
     assert make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2, adapters="shared")).lora_routes(ids) is None
 
 
+def test_lora_inside_reads_a_clips_frames_through_the_image_adapter_and_what_follows_through_the_video_one(
+        tiny_llm_path, vocab):
+    model = make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2, inside={"video": "image"}))
+    vid, end_vid, frame = (vocab.special_id(t) for t in ("[VID]", "[/VID]", "[FRAME]"))
+    img, end_img = vocab.special_id("[IMG]"), vocab.special_id("[/IMG]")
+    code = vocab.codebook_range("image").start
+    ids = torch.tensor([[4, vid, code, frame, code, end_vid, 5, img, code, end_img, 6]])
+    #                    text [VID] frames (image)  [/VID] text  [IMG] ... [/IMG] text
+    assert model.lora_routes(ids).tolist() == [[-1, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0]]
+    # generation a few ids at a time: inside a clip the image route carries on, after it the video one
+    assert model.lora_routes(torch.tensor([[code, end_vid, 5]]), carried=torch.tensor([0])).tolist() == [[0, 2, 2]]
+    with pytest.raises(ValueError, match="lora.inside"):
+        make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2, inside={"video": "text"}))
+    with pytest.raises(ValueError, match="lora.inside"):
+        make_model(tiny_llm_path, vocab, lora=LoraConfig(rank=2, adapters="shared", inside={"video": "image"}))
+
+
 def test_training_one_modalitys_adapter_leaves_the_model_on_other_modalities_unchanged(tiny_llm_path, vocab,
                                                                                          text_tokenizer_path):
     """X-LLM's per-modality interfaces: an image stage cannot erase what an audio stage learned (one shared
