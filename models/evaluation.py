@@ -3,8 +3,8 @@ reconstruction quality. Pure PyTorch + scikit-learn; workflows/evaluate.py runs 
 
 Understanding is measured by ranking: for each prompt (bos + media block) every candidate answer is scored by
 log p(answer + eos | prompt) under the softmax a text reply is drawn from (the text ids: the grammar lets a
-text reply open no media block), and the best-scoring candidate is the prediction. Free-running greedy answers are measured
-too (`mentioned_label`), which is what a user of the server sees.
+text reply open no media block), and the best-scoring candidate is the prediction. Free-running greedy answers
+are measured too (`mentioned_label`), which is what a user of the server sees.
 """
 from __future__ import annotations
 
