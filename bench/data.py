@@ -3,11 +3,11 @@
     python bench/data.py [--rows 200 60 300] [--context 1024] [--epochs 3]
 
 Writes packed shards of three modalities (rows of `context` ids each, as `anytoken prepare` packs them), then
-builds the training dataset of a stage that mixes them like the demo's joint stage (weights 1, 6 and 0.5) twice:
-with the default cache (read once into the object store, shuffled by row) and with `cache_max_mb=0` (read from
-the files every epoch). Two threads iterate the two workers' `streaming_split` halves as Ray Train's workers do,
-in micro-batches of 4, with no training in between. Prints one JSON line: per variant, the seconds to build the
-dataset and each epoch's seconds.
+builds the training dataset of a stage that mixes them as the demo's joint stage once did (weights 1, 6 and 0.5;
+it now weighs video 2) twice: with the default cache (read once into the object store, shuffled by row) and
+with `cache_max_mb=0` (read from the files every epoch). Two threads iterate the two workers' `streaming_split`
+halves as Ray Train's workers do, in micro-batches of 4, with no training in between. Prints one JSON line: per
+variant, the seconds to build the dataset and each epoch's seconds.
 """
 from __future__ import annotations
 
