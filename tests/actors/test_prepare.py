@@ -185,16 +185,17 @@ def test_bad_input_is_rejected_with_its_reason_and_the_rest_is_tokenized(ray_loc
 
 def _most_processes_at_once(title: str, work) -> tuple[object, int]:
     """Run `work()` while counting, every few milliseconds, the processes whose title holds `title` (Ray names a
-    worker process after the task it is running); returns work's result and the largest count seen."""
+    worker process after the task it is running); returns work's result and the largest count seen. Only this
+    process's descendants count (the local Ray's raylet and its workers): another Ray on the machine is not ours."""
     import threading
 
     import psutil
 
     def count() -> int:
         seen = 0
-        for proc in psutil.process_iter(["cmdline"]):
+        for proc in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error, TypeError):
-                seen += title in " ".join(proc.info["cmdline"] or [])
+                seen += title in " ".join(proc.cmdline())
         return seen
 
     most, done = [0], threading.Event()
