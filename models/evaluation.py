@@ -45,19 +45,19 @@ def prefill_seconds(model, prompts: Sequence[Sequence[int]], batch_size: int = 3
 @torch.no_grad()
 def prompt_answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
                            batch_size: int = 32, before_forward: Callable[[torch.Tensor], None] | None = None,
-                           cache_tokens: int = 2 ** 19) -> torch.Tensor:
+                           cache_tokens: int = 2 ** 19, reply_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(N, A): log p(answers[a] | prompts[n]) for every prompt and every answer, each answer token scored under
-    the softmax a text reply is drawn from: the text ids alone, as the generator's grammar allows a reply that may
-    not open a media block. (Training's softmax outside blocks holds the block openings too, and a model that has
-    learned "seven [AUD]" from its spoken-digit rows would otherwise score "the digit seven" lower after an image
-    for a reason that is not the image.)
+    the softmax a text reply is drawn from: `reply_ids`, the ids the generator's grammar lets a reply that may not
+    open a media block hold (`ModalityGrammar.reply_ids`; None: every text id). (Training's softmax outside blocks
+    holds the block openings too, and a model that has learned "seven [AUD]" from its spoken-digit rows would
+    otherwise score "the digit seven" lower after an image for a reason that is not the image.)
 
     Each prompt is run once; its KV cache is repeated for all the answers, which are scored in one more forward
     pass. Prompts share a batch by left padding; a batch holds at most `batch_size` prompts and about
     `cache_tokens` cached positions once repeated. `before_forward(ids)` runs before every forward pass with the
     ids that pass processes (PerceptualSkipping.set_tokens, for one)."""
     vocab: JointVocabulary = model.vocab
-    reply = torch.arange(vocab.text_size)
+    reply = torch.arange(vocab.text_size) if reply_ids is None else torch.as_tensor(reply_ids).flatten().cpu()
     column = torch.full((vocab.size,), -1, dtype=torch.long)
     column[reply] = torch.arange(len(reply))
     device = next(model.parameters()).device
@@ -70,7 +70,7 @@ def prompt_answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Seq
         answer_ids[i, : len(answer)], answer_mask[i, : len(answer)] = torch.as_tensor(list(answer)), 1
     targets = torch.where(answer_mask.bool(), column[answer_ids], 0)
     if (targets[answer_mask.bool()] < 0).any():
-        raise ValueError("an answer holds ids that are not text")
+        raise ValueError("an answer holds ids a text reply may not hold")
     reply, targets, answer_mask = reply.to(device), targets.to(device), answer_mask.to(device)
     scores, start = [], 0
     while start < len(prompts):
@@ -96,12 +96,13 @@ def prompt_answer_logprobs(model, prompts: Sequence[Sequence[int]], answers: Seq
 
 
 def rank_answers(model, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[Sequence[int]]],
-                 batch_size: int = 32, before_forward: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                 batch_size: int = 32, before_forward: Callable[[torch.Tensor], None] | None = None,
+                 reply_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(N, C) scores: candidates[c] is a list of phrasings (token ids) of candidate c; a candidate scores its
-    best phrasing. argmax over dim 1 is the prediction."""
+    best phrasing (under prompt_answer_logprobs' `reply_ids`). argmax over dim 1 is the prediction."""
     phrasings = [phrasing for options in candidates for phrasing in options]
     owner = torch.tensor([c for c, options in enumerate(candidates) for _ in options])
-    per_prompt = prompt_answer_logprobs(model, prompts, phrasings, batch_size, before_forward)
+    per_prompt = prompt_answer_logprobs(model, prompts, phrasings, batch_size, before_forward, reply_ids=reply_ids)
     scores = torch.full((len(prompts), len(candidates)), float("-inf"))
     for c in range(len(candidates)):
         scores[:, c] = per_prompt[:, owner == c].max(dim=1).values

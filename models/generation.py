@@ -132,6 +132,11 @@ class ModalityGrammar:
     def modalities(self) -> list[str]:
         return list(self.shapes)
 
+    @property
+    def reply_ids(self) -> torch.Tensor:
+        """The ids a text reply may hold: the text ids but the banned ones, eos included."""
+        return self.mask(("text",), ("eos",)).nonzero()[:, 0]
+
     def row(self, params: SamplingParams) -> "RowState":
         missing = [m for m in params.modalities if m != "text" and m not in self.shapes]
         if missing:

@@ -228,12 +228,13 @@ class TokenGenerator:
     def read_back(self, prompt: Sequence[int], generations: Sequence[Generation]) -> torch.Tensor:
         """log p(the prompt's text + eos | bos + the reply's media) for each reply: how surely the model, reading
         what it made, says what it was asked for (the understanding order of the same pairs it was trained on)."""
-        text = [int(t) for t in prompt if int(t) < self.vocab.text_size and int(t) not in self.uncond_prompt]
+        replies_may_hold = set(self.grammar.reply_ids.tolist())
+        text = [int(t) for t in prompt if int(t) in replies_may_hold and int(t) not in self.uncond_prompt]
         if not text:
             raise ValueError("best_of > 1 needs prompt text to read back")
         replies = [[int(t) for t in g.ids if int(t) != self.eos_id] for g in generations]
         return prompt_answer_logprobs(self.model, [self.uncond_prompt + r for r in replies], [text + [self.eos_id]],
-                                      batch_size=len(replies))[:, 0]
+                                      batch_size=len(replies), reply_ids=self.grammar.reply_ids)[:, 0]
 
     def pick(self, prompt: Sequence[int], params: SamplingParams, generations: Sequence[Generation]) -> Generation:
         """Of a (seeded) request's draws, in params.candidates() order, the one that reads back its prompt best,

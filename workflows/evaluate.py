@@ -136,7 +136,8 @@ class Evaluation:
         prompts = own if prompts is None else prompts
         labels = torch.tensor([self.label(r) for r in rows])
         candidates, names = self.candidates(modality)
-        scores = rank_answers(model or self.model, prompts, candidates, self.cfg.batch_size, before_forward)
+        scores = rank_answers(model or self.model, prompts, candidates, self.cfg.batch_size, before_forward,
+                              reply_ids=self.generator.grammar.reply_ids)
         predicted = scores.argmax(1)
         result: dict[str, Any] = {"examples": len(rows), "chance": CHANCE[modality],
                                   "ranked_accuracy": share(predicted == labels)}

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from models.evaluation import DigitJudge, image_features, mentioned_label, prompt_answer_logprobs, psnr, rank_answers
@@ -42,6 +43,23 @@ def test_a_text_answer_is_scored_without_the_block_openings_the_model_could_writ
         model.heads["special"].weight.normal_(std=5.0)
     after = prompt_answer_logprobs(model, prompts, answers)
     assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_answers_are_scored_under_the_ids_a_reply_may_hold(tiny_llm_path, text_tokenizer_path):
+    # the generator's grammar bans bos and pad from a text reply: scoring renormalises over what it allows
+    model = make_model(tiny_llm_path, text_tokenizer_path)
+    reply = torch.tensor([i for i in range(model.vocab.text_size) if i not in (0, 3)])
+    prompt, answer = [2, 4, 6], [9, 10, 1]
+    scores = prompt_answer_logprobs(model, [prompt], [answer], reply_ids=reply)
+    with torch.no_grad():
+        _, logits = model.hidden_and_logits(torch.tensor([prompt + answer]))
+    logp = logits[0, :, reply].log_softmax(-1)
+    column = {int(t): i for i, t in enumerate(reply)}
+    want = sum(float(logp[len(prompt) - 1 + j, column[t]]) for j, t in enumerate(answer))
+    assert abs(float(scores[0, 0]) - want) < 1e-4
+    assert float(scores[0, 0]) > float(prompt_answer_logprobs(model, [prompt], [answer])[0, 0])
+    with pytest.raises(ValueError, match="may not hold"):
+        prompt_answer_logprobs(model, [prompt], [[3, 1]], reply_ids=reply)
 
 
 def test_rank_answers_scores_each_candidate_by_its_best_phrasing(tiny_llm_path, text_tokenizer_path):

@@ -86,6 +86,11 @@ def test_the_grammar_holds_when_the_model_wants_to_break_it(parts, exported):
     assert check_well_formed(forced.ids, gen, decoder, {"image"}) == ["image"]
     text_only = generate(model, gen.grammar, prompt_ids(encoder, "a"), [SamplingParams(12, 0)], gen.pad_id)[0]
     assert all(i < gen.vocab.text_size for i in text_only.ids)   # understanding: no media ids at all
+    # a text reply holds text ids and eos, never bos or pad: the ids answers are scored under (reply_ids)
+    reply = set(gen.grammar.reply_ids.tolist())
+    assert set(text_only.ids) <= reply and gen.eos_id in reply
+    assert reply == set(range(gen.vocab.text_size)) - (set(exported.config["text_special_ids"]) - {gen.eos_id})
+    assert gen.uncond_prompt[0] not in reply
 
 
 def test_free_modalities_open_blocks_only_when_they_can_close_within_the_budget(parts):
@@ -176,8 +181,8 @@ def test_best_of_keeps_the_draw_that_reads_the_prompt_back_best(parts):
     assert len({tuple(d.ids) for d in draws}) == 4
     # each draw scores log p(the prompt's text + eos | bos + its block): the model reading back what it made
     scores = gen.read_back(prompt[0], draws)
-    read = [prompt_answer_logprobs(gen.model, [prompt[0][:1] + d.ids[:-1]], [prompt[0][1:] + [gen.eos_id]])[0, 0]
-            for d in draws]
+    read = [prompt_answer_logprobs(gen.model, [prompt[0][:1] + d.ids[:-1]], [prompt[0][1:] + [gen.eos_id]],
+                                   reply_ids=gen.grammar.reply_ids)[0, 0] for d in draws]
     assert torch.allclose(scores, torch.stack(read), atol=1e-4)
     best = int(scores.argmax())
     assert best != 0                                       # this seed's best is not the plain request's draw
