@@ -194,7 +194,7 @@ def _most_processes_at_once(title: str, work) -> tuple[object, int]:
     def count() -> int:
         seen = 0
         for proc in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error, TypeError):
+            with contextlib.suppress(psutil.Error):
                 seen += title in " ".join(proc.cmdline())
         return seen
 
