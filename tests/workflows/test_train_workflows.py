@@ -157,7 +157,7 @@ def test_train_runs_the_stages_in_order_and_exports_one_model_folder(ray_local, 
     code = train.main([f"data={prepared}", f"base_llm={tiny_llm_path}", f"--out={out}", "name=teal",
                        f"loop.storage_path={tmp_path / 'ray'}", *LOOP, "loop.micro_batch_size=4",
                        "loop.optim.lr=0.03", "model.sea.weight=0.1", "model.sea.clip=null", "model.lora.rank=2",
-                           "model.embedding_init=text_scale",     # the rows initial_audio_rows rebuilds
+                       "model.embedding_init=text_scale",     # the rows initial_audio_rows rebuilds
                        "stages=[{name: image, train: [special, image, lora.image], mix: {image: 1}, steps: 6},"
                        " {name: copy, train: [special], mix: {image: 1}, steps: 2, adapters_from: {audio: image},"
                        "  model: {media_loss_weight: 0.0}},"
