@@ -87,7 +87,11 @@ def sequence_dataset(cfg: DataConfig, split: str) -> ray.data.Dataset:
         by_weight.setdefault(weight, []).append(path)
     parts = []
     for weight, paths in sorted(by_weight.items()):
-        ds = ray.data.read_parquet(paths).select_columns(list(SEQUENCE_COLUMNS))
+        ds = ray.data.read_parquet(paths)
+        # in file order (what is derived from ds shares its context): unordered, the materialized blocks follow
+        # which read finished first, and two runs of one seed and config would shuffle differently
+        ds.context.execution_options.preserve_order = True
+        ds = ds.select_columns(list(SEQUENCE_COLUMNS))
         if cached:
             ds = ds.materialize()
         whole, rest = int(weight), weight - int(weight)

@@ -39,6 +39,22 @@ def test_a_mix_weighs_each_modality_and_interleaves_them_the_same_way_every_epoc
     assert sum(m >= 1000 for m in first[:30]) >= 5 and sum(m >= 1000 for m in first[30:]) >= 5
 
 
+def test_an_epoch_is_the_same_however_the_shard_reads_race(ray_local, tmp_path):
+    # shards of one modality, as prepare writes them: Ray Data lists and reads them in parallel, and which
+    # finishes first must not decide the epoch (a run would not repeat, nor a resumed one read what it would have)
+    for k in range(4):
+        _write_shard(tmp_path / "train", f"part-{k:05d}-image-0000.parquet", list(range(250 * k, 250 * k + 250)))
+    config = DataConfig(path=str(tmp_path), mix={"image": 1})
+    context = ray_local.data.DataContext.get_current()
+    context.execution_options.preserve_order = True      # Ray Data's own switch for determinism, process-wide
+    try:
+        in_file_order = _markers(sequence_dataset(config, "train"))
+    finally:
+        context.execution_options.preserve_order = False
+    for _ in range(5):                                   # read out of order, nearly every read of these differs
+        assert _markers(sequence_dataset(config, "train")) == in_file_order
+
+
 def test_small_data_is_read_into_the_object_store_once_and_larger_data_streams(ray_local, prepared):
     config = DataConfig(path=str(prepared), mix={"image": 1, "audio": 1})
     cached = sequence_dataset(config, "train")
