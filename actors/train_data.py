@@ -1,5 +1,6 @@
-"""What a training job reads: Ray Datasets built lazily on the driver (streamed to workers, never materialized),
-and the collate functions that turn a worker's numpy batches into the tensors a model's training_step takes.
+"""What a training job reads: Ray Datasets built on the driver (small data kept in the object store once, larger
+data streamed to workers), and the collate functions that turn a worker's numpy batches into the tensors a model's
+training_step takes.
 
 Four kinds of data:
 - `sequences`: the packed Parquet shards of `anytoken prepare` (input_ids, loss_mask, doc_ids, position_ids),
